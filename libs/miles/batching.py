@@ -1,0 +1,58 @@
+"""The buffer's pure logic: which groups to keep, and how kept groups become a training batch."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from miles.algo.grpo import group_advantages
+from miles.config import BufferConfig, GRPOConfig
+from miles.events import Batch, ScoredGroup, TrainSample
+
+
+def filter_reason(group: ScoredGroup, trainer_version: int, buffer: BufferConfig) -> str | None:
+    """Why a scored group cannot be trained on, or None when it can."""
+    valid = [s for s in group.samples if not s.failed]
+    if len(valid) < 2:
+        return "failed"  # fewer than two scored samples: no group baseline
+    if group.policy_version > trainer_version:
+        return "future_version"  # produced by a policy the trainer never published
+    if group.policy_version < trainer_version - buffer.max_staleness:
+        return "stale"
+    if buffer.filter_zero_variance and len({s.reward for s in valid}) == 1:
+        return "zero_variance"  # every advantage would be 0: no gradient, only cost
+    return None
+
+
+def batch_id(task_ids: list[str]) -> str:
+    """Stable in the groups it holds, so a rebuilt batch after a restart has the same id."""
+    return "b-" + hashlib.sha256("\n".join(sorted(task_ids)).encode()).hexdigest()[:16]
+
+
+def make_batch(run_id: str, groups: list[ScoredGroup], grpo: GRPOConfig) -> Batch:
+    samples: list[TrainSample] = []
+    for group in groups:
+        valid = [s for s in group.samples if not s.failed]
+        rewards = torch.tensor([[s.reward for s in valid]], dtype=torch.float64)
+        advantages = group_advantages(rewards, scale_by_std=grpo.scale_by_std)[0].tolist()
+        samples += [
+            TrainSample(
+                sample_id=s.sample_id,
+                prompt_ids=s.prompt_ids,
+                response_ids=s.response_ids,
+                response_logprobs=s.response_logprobs,
+                advantage=float(advantage),
+                reward=s.reward,
+                policy_version=s.policy_version_first,
+            )
+            for s, advantage in zip(valid, advantages, strict=True)
+        ]
+    task_ids = [g.task_id for g in groups]
+    return Batch(
+        run_id=run_id,
+        policy_version=min(g.policy_version for g in groups),
+        batch_id=batch_id(task_ids),
+        task_ids=task_ids,
+        samples=samples,
+    )

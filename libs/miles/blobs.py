@@ -1,0 +1,119 @@
+"""Blob stores for large payloads (policy weights): a shared directory or JetStream's Object Store.
+
+Events carry a URI and a sha256; the payload never rides the event. ``file://`` URIs point at a
+directory; ``nats-os://<bucket>/<prefix>`` at objects named ``<prefix>/<file>``. Readers verify
+the sha256 of ``model.safetensors`` before they load anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.object_store import ObjectStore
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ChecksumMismatch(ValueError):
+    pass
+
+
+class BlobStore(Protocol):
+    async def put_dir(self, local_dir: Path, name: str) -> str:
+        """Store every file of ``local_dir`` under ``name``; return the URI."""
+        ...
+
+    async def get_dir(self, uri: str, sha256: str) -> Path:
+        """A local directory holding the blob, verified against ``sha256``."""
+        ...
+
+
+class DirBlobStore:
+    """A directory every process can read: local disk, NFS, a mounted bucket."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    async def put_dir(self, local_dir: Path, name: str) -> str:
+        final = self.root / name
+        if local_dir.resolve() != final:
+            staging = self.root / f".{name.replace('/', '_')}.tmp"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(local_dir, staging)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)  # readers see the whole directory or none of it
+        return final.as_uri()
+
+    async def get_dir(self, uri: str, sha256: str) -> Path:
+        path = Path(urlparse(uri).path)
+        _verify(path, sha256)
+        return path
+
+
+class ObjectBlobStore:
+    """JetStream Object Store, for clusters without a shared filesystem.
+
+    nats-py's ``get`` without ``writeinto`` concatenates chunks into one growing bytes object,
+    which is quadratic in the object size; we always stream into a file.
+    """
+
+    def __init__(self, js: JetStreamContext, bucket: str, cache_dir: Path) -> None:
+        self.js = js
+        self.bucket = bucket
+        self.cache_dir = cache_dir
+
+    async def _store(self) -> ObjectStore:
+        try:
+            return await self.js.object_store(self.bucket)
+        except BucketNotFoundError:
+            return await self.js.create_object_store(self.bucket)
+
+    async def put_dir(self, local_dir: Path, name: str) -> str:
+        store = await self._store()
+        for path in sorted(local_dir.iterdir()):
+            with path.open("rb") as handle:
+                await store.put(f"{name}/{path.name}", handle)
+        await store.put(f"{name}/FILES", "\n".join(p.name for p in sorted(local_dir.iterdir())))
+        return f"nats-os://{self.bucket}/{name}"
+
+    async def get_dir(self, uri: str, sha256: str) -> Path:
+        parsed = urlparse(uri)
+        name = parsed.path.lstrip("/")
+        target = self.cache_dir / name
+        if (target / WEIGHTS_FILE).exists() and sha256_file(target / WEIGHTS_FILE) == sha256:
+            return target
+        store = await self.js.object_store(parsed.netloc)
+        staging = self.cache_dir / f".{name.replace('/', '_')}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        listing = await store.get(f"{name}/FILES")
+        for file_name in (listing.data or b"").decode().split("\n"):
+            with (staging / file_name).open("wb") as handle:
+                await store.get(f"{name}/{file_name}", writeinto=handle)
+        _verify(staging, sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+        return target
+
+
+def _verify(directory: Path, sha256: str) -> None:
+    actual = sha256_file(directory / WEIGHTS_FILE)
+    if actual != sha256:
+        raise ChecksumMismatch(f"{directory / WEIGHTS_FILE}: sha256 {actual}, expected {sha256}")

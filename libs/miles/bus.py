@@ -1,0 +1,267 @@
+"""NATS JetStream: the topology of a run, publishing with dedupe ids, and pulling typed events.
+
+Every publish waits for JetStream's ack, and carries ``Nats-Msg-Id`` so a retried publish (or a
+replayed handler after a crash) is dropped by the server's dedupe window. Every pull decodes and
+validates: what fails is dead-lettered with a reason and acked, never redelivered forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from miles import events
+from miles.subjects import (
+    BUFFER_CONSUMER,
+    COORDINATOR_CONSUMER,
+    REWARD_CONSUMER,
+    ROLLOUT_CONSUMER,
+    TRAINER_CONSUMER,
+    Subjects,
+)
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", bound=events.Event)
+T = TypeVar("T")
+
+DEDUPE_WINDOW_SECONDS = 300.0
+"""Longer than the longest publish retry (``publish`` gives up after ~60 s)."""
+
+
+class Unreachable(RuntimeError):
+    """NATS (or Redis) is not there; the message says what to set."""
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """What the dead-letter subject records: never decoded further, never unpickled."""
+
+    run_id: str
+    service: str
+    reason: str
+    detail: str
+    subject: str
+    payload: bytes
+    time: float
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    kind: str
+    subjects: tuple[str, ...]
+    work_queue: bool
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream_kind: str
+    durable: str
+    ack_wait: float
+    max_ack_pending: int
+    filter_subjects: tuple[str, ...] = ()
+
+
+def topology(subjects: Subjects) -> tuple[list[StreamSpec], list[ConsumerSpec]]:
+    """The streams and durable consumers of one run."""
+    s = subjects
+    streams = [
+        StreamSpec("tasks", (s.tasks,), work_queue=True),
+        StreamSpec("generated", (s.generated,), work_queue=True),
+        StreamSpec("scored", (s.scored,), work_queue=True),
+        StreamSpec("batches", (s.batches,), work_queue=True),
+        # The coordinator's inbox: step commits, filtered groups and eval results.
+        StreamSpec("ledger", (s.steps, s.filtered, s.eval_scored), work_queue=False),
+        # Every rollout replica reads the latest weights event: not a queue.
+        StreamSpec("weights", (s.weights,), work_queue=False),
+        StreamSpec("dead", (s.dead(),), work_queue=False),
+    ]
+    consumers = [
+        ConsumerSpec("tasks", ROLLOUT_CONSUMER, ack_wait=60, max_ack_pending=1024),
+        ConsumerSpec("generated", REWARD_CONSUMER, ack_wait=60, max_ack_pending=1024),
+        # The buffer holds groups unacked until the batch that uses them is published.
+        ConsumerSpec("scored", BUFFER_CONSUMER, ack_wait=60, max_ack_pending=4096),
+        ConsumerSpec("batches", TRAINER_CONSUMER, ack_wait=120, max_ack_pending=4),
+        ConsumerSpec("ledger", COORDINATOR_CONSUMER, ack_wait=30, max_ack_pending=4096),
+    ]
+    return streams, consumers
+
+
+async def connect_nats(url: str, timeout: float, name: str) -> NATS:
+    """Connect, or raise ``Unreachable`` with one line saying what to set."""
+    try:
+        return await nats.connect(
+            url,
+            name=name,
+            connect_timeout=timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
+    except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+        raise Unreachable(
+            f"cannot reach NATS at {url} ({type(exc).__name__}); start nats-server with "
+            "JetStream (`nats-server -js`) and set NATS_URL, or unset it to run an embedded one"
+        ) from exc
+
+
+class Bus:
+    """One service's view of the run's streams."""
+
+    def __init__(self, nc: NATS, run_id: str, service: str, max_payload: int) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.subjects = Subjects(run_id)
+        self.run_id = run_id
+        self.service = service
+        self.max_payload = max_payload
+        self.dead_letters = 0
+        self.on_dead_letter: Callable[[str], Awaitable[None]] | None = None
+
+    async def ensure_topology(self) -> None:
+        """Create this run's streams and consumers; safe to call any number of times."""
+        streams, consumers = topology(self.subjects)
+        for spec in streams:
+            config = StreamConfig(
+                name=self.subjects.stream(spec.kind),
+                subjects=list(spec.subjects),
+                retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                duplicate_window=DEDUPE_WINDOW_SECONDS,
+                max_msg_size=self.max_payload,
+            )
+            try:
+                await self.js.stream_info(config.name)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_stream(config)
+        for consumer in consumers:
+            stream = self.subjects.stream(consumer.stream_kind)
+            try:
+                await self.js.consumer_info(stream, consumer.durable)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_consumer(
+                    stream,
+                    ConsumerConfig(
+                        durable_name=consumer.durable,
+                        ack_policy=AckPolicy.EXPLICIT,
+                        ack_wait=consumer.ack_wait,
+                        max_ack_pending=consumer.max_ack_pending,
+                        deliver_policy=DeliverPolicy.ALL,
+                    ),
+                )
+
+    async def pull(self, stream_kind: str, durable: str) -> JetStreamContext.PullSubscription:
+        """Bind to a durable consumer, waiting (with a log line) until the coordinator made it."""
+        stream = self.subjects.stream(stream_kind)
+        delay = 0.2
+        while True:
+            try:
+                await self.js.consumer_info(stream, durable)
+                return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+            except nats.js.errors.NotFoundError:
+                log.info("waiting for the coordinator to create %s/%s", stream, durable)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def publish(self, subject: str, event: events.Event, msg_id: str) -> None:
+        """Publish and wait for JetStream's ack; retry with backoff while NATS is away."""
+        payload = events.encode(event)
+        if len(payload) > self.max_payload:
+            raise ValueError(f"{type(event).__name__} is {len(payload)} bytes, over max_payload")
+        delay = 0.1
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+                return
+            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
+                    nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("publish to %s failed (%s); retrying in %.1fs", subject, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def fetch(
+        self,
+        subscription: JetStreamContext.PullSubscription,
+        expected: type[E],
+        batch: int,
+        timeout: float,
+    ) -> list[tuple[E, Msg]]:
+        """Pull up to ``batch`` messages; bad ones are dead-lettered and acked here."""
+        try:
+            messages = await subscription.fetch(batch=batch, timeout=timeout)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises either
+            return []
+        good: list[tuple[E, Msg]] = []
+        for msg in messages:
+            try:
+                good.append((events.decode(msg.data, expected, self.run_id), msg))
+            except events.BadEvent as exc:
+                await self.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
+                await msg.ack()
+        return good
+
+    async def dead_letter(self, subject: str, payload: bytes, reason: str, detail: str) -> None:
+        """Record a rejected input where an operator can find it, then move on."""
+        self.dead_letters += 1
+        log.warning("dead-lettered a message from %s: %s: %s", subject, reason, detail[:200])
+        record = DeadLetter(
+            run_id=self.run_id,
+            service=self.service,
+            reason=reason,
+            detail=detail[:2000],
+            subject=subject,
+            payload=payload[:4096],
+            time=time.time(),
+        )
+        await self.js.publish(self.subjects.dead(self.service), msgspec.msgpack.encode(record))
+        if self.on_dead_letter is not None:
+            await self.on_dead_letter(reason)
+
+    async def latest(self, subject: str, expected: type[events.Event]) -> events.Event | None:
+        """The last message on a subject of a LIMITS stream, or None."""
+        stream = await self.js.find_stream_name_by_subject(subject)
+        try:
+            raw = await self.js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        assert raw.data is not None
+        return events.decode(raw.data, expected, self.run_id)
+
+    async def subscribe_latest(self, subject: str) -> JetStreamContext.PushSubscription:
+        """An ordered consumer starting at the last message: every replica sees every update."""
+        return await self.js.subscribe(
+            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST
+        )
+
+
+
+async def hold(work: Awaitable[T], messages: list[Msg], every: float = 10.0) -> T:
+    """Run ``work`` while telling JetStream we still hold ``messages`` (no redelivery)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=every)
+        if done:
+            return task.result()
+        for msg in messages:
+            await msg.in_progress()

@@ -1,0 +1,162 @@
+"""Typed configuration: one pydantic model, loaded from TOML and ``--set key=value`` overrides.
+
+The resolved config is saved with the run (``runs/<run_id>/config.json``) and its hash is part
+of the run record, so a restarted service can tell it is running the same experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("miles", description="Human name; the run id is derived from it.")
+    seed: int = Field(0, description="Seeds sampling, data order and initialisation.")
+    steps: int = Field(20, ge=1, description="Stop after this many committed optimizer steps.")
+    output_dir: Path = Field(Path("runs"), description="Runs write to <output_dir>/<run_id>.")
+
+
+class ModelConfig(_Section):
+    path: Path | None = Field(
+        None, description="Directory with an HF model (config + safetensors) and its tokenizer."
+    )
+
+
+class DataConfig(_Section):
+    train_path: Path | None = Field(None, description="JSONL of {prompt, label} for training.")
+    eval_path: Path | None = Field(None, description="JSONL of held-out {prompt, label}.")
+    eval_size: int = Field(200, ge=1, description="How many held-out prompts an eval uses.")
+
+
+class RolloutConfig(_Section):
+    engines: int = Field(1, ge=1, description="Engine actors per rollout replica.")
+    engine_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine.")
+    engine_threads: int = Field(2, ge=1, description="torch threads inside one CPU engine.")
+    group_size: int = Field(8, ge=1, description="Samples per prompt (the G of GRPO).")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list, description="Stop strings (kept in output).")
+    tasks_per_fetch: int = Field(8, ge=1, description="Tasks pulled and generated together.")
+
+
+class GRPOConfig(_Section):
+    """Group Relative Policy Optimization (Shao et al. 2024, arXiv:2402.03300)."""
+
+    eps_low: float = Field(0.2, ge=0, description="Lower clip of the importance ratio.")
+    eps_high: float = Field(0.2, ge=0, description="Upper clip (DAPO's clip-higher: 0.28).")
+    scale_by_std: bool = Field(True, description="False is Dr.GRPO (arXiv:2503.20783).")
+    loss_aggregation: Literal["token", "sequence"] = Field(
+        "token", description="token: mean over all tokens (DAPO); sequence: per-sample mean."
+    )
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference.")
+    kl_estimator: Literal["k1", "k3"] = Field("k3")
+
+
+class BufferConfig(_Section):
+    groups_per_batch: int = Field(8, ge=1, description="Prompt groups per optimizer step.")
+    max_staleness: int = Field(
+        0, ge=0, description="0 is strict on-policy; k lets rollout run k versions ahead."
+    )
+    filter_zero_variance: bool = Field(True, description="Drop groups whose rewards are equal.")
+
+
+class TrainerConfig(_Section):
+    backend: Literal["torch"] = "torch"
+    lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(32, ge=1, description="Samples per forward/backward.")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the trainer actor.")
+    threads: int = Field(2, ge=1, description="torch threads inside the trainer actor.")
+
+
+class CoordinatorConfig(_Section):
+    eval_every: int = Field(5, ge=1, description="Evaluate greedy accuracy every K steps.")
+    max_groups_in_flight: int = Field(64, ge=1, description="Tasks dispatched, not yet done.")
+    heartbeat_seconds: float = Field(2.0, gt=0)
+    correct_reward: float = Field(
+        1.0, description="A held-out sample counts as correct when its reward is at least this."
+    )
+
+
+class InfraConfig(_Section):
+    nats_url: str | None = Field(None, description="None: start an embedded nats-server.")
+    redis_url: str | None = Field(None, description="None: start an embedded redis-server.")
+    ray_address: str | None = Field(None, description="None: start a local Ray.")
+    blob_store: Literal["dir", "nats"] = Field("dir", description="Where weights are written.")
+    blob_dir: Path | None = Field(None, description="Shared directory; default <run>/blobs.")
+    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+
+
+class MilesConfig(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    buffer: BufferConfig = Field(default_factory=BufferConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    infra: InfraConfig = Field(default_factory=InfraConfig)
+
+    @model_validator(mode="after")
+    def _grpo_needs_groups(self) -> MilesConfig:
+        if self.rollout.group_size < 2:
+            raise ValueError("rollout.group_size must be >= 2: GRPO normalises within a group")
+        return self
+
+    def hash(self) -> str:
+        """A stable digest of what changes the experiment (infra excluded)."""
+        body = self.model_dump(mode="json", exclude={"infra"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; values parse as TOML (``lr=1e-5``, ``stop=["\\n"]``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare word: treat as a string
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
+def load_config(
+    base: MilesConfig | None = None, toml_path: Path | None = None, overrides: list[str] = ()
+) -> MilesConfig:
+    """Recipe defaults, then a TOML file, then ``--set`` overrides, validated once at the end."""
+    data = base.model_dump(mode="json") if base else {}
+    if toml_path is not None:
+        _deep_merge(data, tomllib.loads(Path(toml_path).read_text()))
+    apply_overrides(data, list(overrides))
+    return MilesConfig.model_validate(data)
+
+
+def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value

@@ -1,0 +1,197 @@
+"""The wire contract: every event that crosses a service boundary.
+
+Events are msgspec Structs encoded as msgpack. Every event carries the schema version, the
+``run_id``, a stable id and the ``policy_version`` it was produced under. A tagged union lets one
+decoder reject anything that is not a known event of the expected type; pickle is never used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+"""Bumped on any incompatible change; consumers dead-letter events of another version."""
+
+Split = Literal["train", "eval"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="kind", forbid_unknown_fields=False):
+    """Fields every event carries."""
+
+    schema: int = SCHEMA_VERSION
+    run_id: str
+    policy_version: int
+
+
+class Task(Event, tag="task"):
+    """A prompt group to generate: ``group_size`` samples of one prompt."""
+
+    task_id: str
+    prompt: str
+    label: str = ""
+    split: Split = "train"
+    group_size: int = 1
+    seed: int = 0
+    greedy: bool = False
+    eval_round: int = -1
+    """For eval tasks, the step after which the evaluation runs."""
+
+
+class Sample(msgspec.Struct, kw_only=True):
+    """One generated completion with everything the trainer needs to score and learn from it."""
+
+    sample_id: str
+    prompt: str
+    label: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    response_text: str
+    finish_reason: FinishReason
+    policy_version_first: int
+    policy_version_last: int
+    reward: float = 0.0
+    failed: bool = False
+    error: str = ""
+
+
+class GeneratedGroup(Event, tag="generated"):
+    """The samples of one task, as produced by a rollout replica."""
+
+    task_id: str
+    split: Split
+    eval_round: int
+    samples: list[Sample]
+    engine: str = ""
+    generate_seconds: float = 0.0
+
+
+class ScoredGroup(Event, tag="scored"):
+    """A generated group after the reward service set ``reward`` (or ``failed``) per sample."""
+
+    task_id: str
+    split: Split
+    eval_round: int
+    samples: list[Sample]
+    score_seconds: float = 0.0
+
+
+class TrainSample(msgspec.Struct, kw_only=True):
+    """A sample as the trainer consumes it: tokens, behaviour logprobs and its advantage."""
+
+    sample_id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float]
+    advantage: float
+    reward: float
+    policy_version: int
+
+
+class Batch(Event, tag="batch"):
+    """``groups`` prompt groups with their advantages, ready for one optimizer step."""
+
+    batch_id: str
+    task_ids: list[str]
+    samples: list[TrainSample]
+
+
+class GroupFiltered(Event, tag="filtered"):
+    """The buffer dropped a group (zero variance, stale, failed); the coordinator refills."""
+
+    task_id: str
+    reason: str
+
+
+class WeightsPublished(Event, tag="weights"):
+    """New policy weights: safetensors with HF names at ``uri``."""
+
+    uri: str
+    sha256: str
+    step: int
+
+
+class StepCommitted(Event, tag="step"):
+    """The trainer committed ``step``; ``policy_version`` is the version it produced."""
+
+    step: int
+    batch_id: str
+    task_ids: list[str]
+    sample_ids: list[str]
+    reward_mean: float
+    loss: float
+    grad_norm: float
+    kl: float
+    seconds: dict[str, float] = {}
+
+
+class Control(Event, tag="control"):
+    """An operator or coordinator command to every service of the run."""
+
+    command: Literal["stop", "pause", "resume"]
+    reason: str = ""
+
+
+class Heartbeat(Event, tag="heartbeat"):
+    """Liveness and utilisation of one service instance."""
+
+    service: str
+    instance: str
+    pid: int
+    time: float
+    busy_seconds: float
+    wait_seconds: float
+    processed: int
+
+
+AnyEvent = (
+    Task
+    | GeneratedGroup
+    | ScoredGroup
+    | Batch
+    | GroupFiltered
+    | WeightsPublished
+    | StepCommitted
+    | Control
+    | Heartbeat
+)
+
+E = TypeVar("E", bound=Event)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
+
+
+class BadEvent(ValueError):
+    """An event that cannot be accepted; ``reason`` is a short machine-readable label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes, expected: type[E], run_id: str) -> E:
+    """Decode and validate one event; raise ``BadEvent`` with a reason otherwise."""
+    if data[:1] == b"\x80":  # pickle protocol 2+ opcode PROTO: refuse without unpickling
+        raise BadEvent("pickle", "pickle payloads are never accepted")
+    try:
+        event = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise BadEvent("schema", str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise BadEvent("not_msgpack", str(exc)) from exc
+    if event.schema != SCHEMA_VERSION:
+        raise BadEvent("schema_version", f"got {event.schema}, speak {SCHEMA_VERSION}")
+    if event.run_id != run_id:
+        raise BadEvent("run_id", f"event for run {event.run_id!r} reached run {run_id!r}")
+    if not isinstance(event, expected):
+        raise BadEvent("type", f"expected {expected.__name__}, got {type(event).__name__}")
+    return event

@@ -1,0 +1,94 @@
+"""Turning a task into samples: the engine handle a rollout function receives, and the default.
+
+A custom ``@miles.rollout`` gets the same ``EngineHandle`` and returns ``list[Sample]``; it can
+call ``engine.generate`` as many times as it likes (multi-turn, tools, self-correction).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from miles.config import RolloutConfig
+from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParams
+from miles.events import Sample, Task
+
+
+class EngineHandle:
+    """One engine as a rollout function sees it: async generate plus the tokenizer."""
+
+    def __init__(self, actor: Any, tokenizer: Any, name: str, weight_version: int) -> None:
+        self.actor = actor
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weight_version = weight_version
+
+    async def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        outputs: list[GenerateOutput] = await self.actor.generate.remote(requests)
+        return outputs
+
+
+RolloutFn = Callable[[EngineHandle, Task, RolloutConfig], Awaitable[list[Sample]]]
+
+
+def sample_seed(task: Task, index: int) -> int:
+    """A seed per sample, stable across retries, so a redelivered task regenerates the same."""
+    digest = hashlib.sha256(f"{task.run_id}/{task.task_id}/{task.seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def sampling_for(task: Task, index: int, config: RolloutConfig) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=config.max_new_tokens,
+        temperature=0.0 if task.greedy else config.temperature,
+        top_p=1.0 if task.greedy else config.top_p,
+        stop=list(config.stop),
+        sampling_seed=sample_seed(task, index),
+    )
+
+
+def to_sample(task: Task, index: int, prompt_ids: list[int], output: GenerateOutput) -> Sample:
+    return Sample(
+        sample_id=f"{task.task_id}/{index}",
+        prompt=task.prompt,
+        label=task.label,
+        prompt_ids=prompt_ids,
+        response_ids=output.output_ids,
+        response_logprobs=output.output_token_logprobs,
+        response_text=output.text,
+        finish_reason=output.finish_reason,
+        policy_version_first=output.weight_version,
+        policy_version_last=output.weight_version,
+    )
+
+
+async def default_rollout(engine: EngineHandle, task: Task, config: RolloutConfig) -> list[Sample]:
+    """One prompt, ``group_size`` independent completions."""
+    return (await rollout_many(engine, [task], config))[0]
+
+
+async def rollout_many(
+    engine: EngineHandle, tasks: list[Task], config: RolloutConfig
+) -> list[list[Sample]]:
+    """The default rollout for several tasks in one engine call: one batch keeps a CPU busy."""
+    requests: list[GenerateRequest] = []
+    prompts: list[list[int]] = []
+    for task in tasks:
+        prompt_ids = list(engine.tokenizer.encode(task.prompt, add_special_tokens=False))
+        prompts.append(prompt_ids)
+        count = 1 if task.greedy else task.group_size
+        requests += [
+            GenerateRequest(
+                rid=f"{task.task_id}/{i}",
+                input_ids=prompt_ids,
+                sampling_params=sampling_for(task, i, config),
+            )
+            for i in range(count)
+        ]
+    outputs = iter(await engine.generate(requests))
+    return [
+        [to_sample(task, i, prompt_ids, next(outputs))
+         for i in range(1 if task.greedy else task.group_size)]
+        for task, prompt_ids in zip(tasks, prompts, strict=True)
+    ]

@@ -1,0 +1,53 @@
+"""`miles status`: a run's progress and its live services, from the Redis record."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from miles.summary import RunView
+
+
+def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
+    console = Console()
+    runs: list[str] = list(client.zrange("miles:runs", 0, -1))  # type: ignore[arg-type]
+    if run_id is None:
+        if not runs:
+            console.print("no runs recorded in this Redis")
+            return 1
+        run_id = runs[-1]
+    view = RunView.read(client, run_id)
+    if not view.exists:
+        console.print(f"no run {run_id!r}; known runs: {', '.join(runs) or 'none'}")
+        return 1
+    if as_json:
+        print(json.dumps(view.summary() | {"live_services": view.live_services()}, indent=2))
+        return 0
+    table = Table(title=f"run {run_id} ({view.run.get('status')})", show_header=False)
+    accuracy = view.accuracy()
+    rows = {
+        "step": f"{view.step} / {json.loads(client.get(f'miles:run:{run_id}:config') or '{}').get('run', {}).get('steps', '?')}",  # type: ignore[arg-type]
+        "policy version": view.run.get("policy_version", "0"),
+        "reward mean (last step)": f"{float(view.run.get('reward_mean', 'nan')):.3f}",
+        "held-out accuracy": "-" if accuracy is None else f"{accuracy:.3f}",
+        "samples/s": f"{view.samples_per_second():.2f}",
+        "wall": f"{view.wall_seconds():.0f} s",
+        "filtered groups": json.dumps(view.filtered),
+        "dead letters": json.dumps(view.dead_letters),
+    }
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    console.print(table)
+    services = Table(title="services")
+    for column in ("instance", "last heartbeat", "busy s", "waiting s", "processed"):
+        services.add_column(column)
+    now = time.time()
+    for name, beat in sorted(view.services.items()):
+        services.add_row(name, f"{now - beat['time']:.1f} s ago", f"{beat['busy_seconds']:.1f}",
+                         f"{beat['wait_seconds']:.1f}", str(beat["processed"]))
+    console.print(services)
+    return 0

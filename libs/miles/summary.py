@@ -1,0 +1,97 @@
+"""Where a run stands, read from its Redis record: one source for `miles status`, the live view
+and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+
+@dataclass
+class RunView:
+    run: dict[str, str]
+    steps: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    services: dict[str, dict[str, Any]]
+    dead_letters: dict[str, int]
+    filtered: dict[str, int]
+
+    @classmethod
+    def read(cls, client: redis.Redis, run_id: str) -> RunView:
+        key = f"miles:run:{run_id}"
+
+        def rows(suffix: str) -> list[dict[str, Any]]:
+            return [json.loads(r) for r in client.lrange(f"{key}:{suffix}", 0, -1)]  # type: ignore[union-attr]
+
+        def counts(suffix: str) -> dict[str, int]:
+            return {k: int(v) for k, v in client.hgetall(f"{key}:{suffix}").items()}  # type: ignore[union-attr]
+
+        services = {k: json.loads(v) for k, v in client.hgetall(f"{key}:services").items()}  # type: ignore[union-attr]
+        return cls(client.hgetall(key), rows("steps"), rows("evals"), services,  # type: ignore[arg-type]
+                   counts("dead"), counts("filtered"))
+
+    @property
+    def exists(self) -> bool:
+        return bool(self.run)
+
+    @property
+    def step(self) -> int:
+        return int(self.run.get("step", 0))
+
+    def wall_seconds(self) -> float:
+        end = float(self.run.get("finished", 0)) or time.time()
+        return end - float(self.run.get("started", end))
+
+    def samples_per_second(self) -> float:
+        trained = sum(step["samples"] for step in self.steps)
+        wall = self.wall_seconds()
+        return trained / wall if wall > 0 else 0.0
+
+    def accuracy(self) -> float | None:
+        return self.evals[-1]["accuracy"] if self.evals else None
+
+    def service_seconds(self) -> dict[str, dict[str, float]]:
+        """Busy and waiting seconds summed over each service's instances."""
+        out: dict[str, dict[str, float]] = {}
+        for beat in self.services.values():
+            entry = out.setdefault(beat["service"], {"busy": 0.0, "waiting": 0.0, "instances": 0})
+            entry["busy"] += beat["busy_seconds"]
+            entry["waiting"] += beat["wait_seconds"]
+            entry["instances"] += 1
+        for entry in out.values():
+            total = entry["busy"] + entry["waiting"]
+            entry["waiting_share"] = entry["waiting"] / total if total else 0.0
+        return out
+
+    def live_services(self, within: float = 10.0) -> list[str]:
+        now = time.time()
+        return sorted(k for k, b in self.services.items() if now - b["time"] < within)
+
+    def summary(self) -> dict[str, Any]:
+        rewards = [step["reward_mean"] for step in self.steps]
+        phase: dict[str, float] = {}
+        for step in self.steps:
+            for name, seconds in step["seconds"].items():
+                phase[name] = phase.get(name, 0.0) + seconds
+        return {
+            "run_id": self.run.get("run_id"),
+            "status": self.run.get("status"),
+            "steps": self.step,
+            "wall_seconds": round(self.wall_seconds(), 2),
+            "samples_per_second": round(self.samples_per_second(), 3),
+            "accuracy_before": self.evals[0]["accuracy"] if self.evals else None,
+            "accuracy_after": self.evals[-1]["accuracy"] if self.evals else None,
+            "evals": [{"after_step": e["after_step"], "accuracy": e["accuracy"]}
+                      for e in self.evals],
+            "reward_mean_first": rewards[0] if rewards else None,
+            "reward_mean_last": rewards[-1] if rewards else None,
+            "reward_mean_by_step": rewards,
+            "trainer_seconds_by_phase": {k: round(v, 3) for k, v in phase.items()},
+            "services": self.service_seconds(),
+            "filtered_groups": self.filtered,
+            "dead_letters": self.dead_letters,
+        }

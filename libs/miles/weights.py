@@ -1,0 +1,54 @@
+"""Following the policy's weights: the latest ``WeightsPublished`` event, fetched and verified."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from miles import events
+from miles.blobs import BlobStore, DirBlobStore, ObjectBlobStore
+from miles.bus import Bus
+from miles.config import MilesConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_blob_store(config: MilesConfig, bus: Bus, run_dir: Path) -> BlobStore:
+    if config.infra.blob_store == "nats":
+        return ObjectBlobStore(bus.js, f"miles_{bus.run_id}_blobs", run_dir / "blob-cache")
+    return DirBlobStore(config.infra.blob_dir or run_dir / "blobs")
+
+
+class WeightsWatcher:
+    """Tracks the newest published version; every replica sees every update (ordered consumer)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.latest: events.WeightsPublished | None = None
+        self.changed = asyncio.Event()
+
+    async def start(self) -> None:
+        subscription = await self.bus.subscribe_latest(self.bus.subjects.weights)
+
+        async def follow() -> None:
+            async for msg in subscription.messages:
+                try:
+                    event = events.decode(msg.data, events.WeightsPublished, self.bus.run_id)
+                except events.BadEvent as exc:
+                    await self.bus.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
+                    continue
+                if self.latest is None or event.policy_version > self.latest.policy_version:
+                    self.latest = event
+                    self.changed.set()
+
+        self._task = asyncio.create_task(follow())
+
+    @property
+    def version(self) -> int:
+        return self.latest.policy_version if self.latest else 0
+
+    async def wait_for(self, version: int) -> None:
+        while self.version < version:
+            self.changed.clear()
+            await self.changed.wait()

@@ -1,0 +1,65 @@
+"""Held-out evaluation rounds: greedy generation of the eval prompts, scored, reduced to accuracy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from miles import events
+from miles.data import Prompt
+from miles.service import ServiceContext
+
+
+@dataclass
+class EvalRound:
+    round: int
+    expected: int
+    rewards: dict[str, float] = field(default_factory=dict)
+    correct: dict[str, bool] = field(default_factory=dict)
+    versions: set[int] = field(default_factory=set)
+    recorded: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.rewards) >= self.expected
+
+
+async def dispatch_eval(ctx: ServiceContext, round_: int, prompts: list[Prompt]) -> EvalRound:
+    """Publish one greedy task per held-out prompt, asking for at least version ``round_``."""
+    for index, prompt in enumerate(prompts):
+        task = events.Task(
+            run_id=ctx.run_id,
+            policy_version=round_,
+            task_id=f"eval{round_}-{index}",
+            prompt=prompt.prompt,
+            label=prompt.label,
+            split="eval",
+            group_size=1,
+            greedy=True,
+            eval_round=round_,
+        )
+        await ctx.bus.publish(ctx.subjects.tasks, task, msg_id=task.task_id)
+    return EvalRound(round_, expected=len(prompts))
+
+
+def record_result(rounds: dict[int, EvalRound], group: events.ScoredGroup, threshold: float) -> None:
+    current = rounds.get(group.eval_round)
+    if current is None:  # a round from before a coordinator restart: it is re-run
+        return
+    sample = group.samples[0]
+    current.rewards[group.task_id] = sample.reward
+    current.correct[group.task_id] = not sample.failed and sample.reward >= threshold
+    current.versions.add(sample.policy_version_first)
+
+
+def summarize(done: EvalRound) -> dict[str, object]:
+    n = len(done.rewards)
+    return {
+        "round": done.round,
+        "after_step": done.round,
+        "policy_versions": sorted(done.versions),
+        "accuracy": sum(done.correct.values()) / n,
+        "reward_mean": sum(done.rewards.values()) / n,
+        "n": n,
+        "time": time.time(),
+    }

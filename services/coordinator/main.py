@@ -1,0 +1,71 @@
+"""Coordinator: owns the run and paces it.
+
+    create the streams, consumers and the run record (idempotent: a restart resumes)
+    evaluate the initial policy
+    loop until N steps are committed and every evaluation is in:
+        dispatch training tasks while the staleness gate and the in-flight bound allow
+        read the ledger: committed steps, filtered groups, evaluation results
+        every K steps (and after the last), evaluate greedy accuracy on held-out prompts
+    mark the run finished and tell every service to stop
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from miles import events
+from miles.data import load_prompts
+from miles.service import ServiceContext
+from miles.subjects import COORDINATOR_CONSUMER
+from services.coordinator.evaluation import EvalRound, dispatch_eval, record_result, summarize
+from services.coordinator.pacing import Pacer
+
+log = logging.getLogger("miles.coordinator")
+
+
+async def main(ctx: ServiceContext) -> None:
+    config, bus, store = ctx.config, ctx.bus, ctx.store
+    await bus.ensure_topology()
+    created = await store.create_run(config.hash(), config.model_dump_json())
+    train = load_prompts(config, ctx.recipe, "train")
+    held_out = load_prompts(config, ctx.recipe, "eval")
+    pacer = await Pacer.resume(ctx, train)
+    log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", pacer.step)
+    inbox = await bus.pull("ledger", COORDINATOR_CONSUMER)
+    rounds: dict[int, EvalRound] = {pacer.step: await dispatch_eval(ctx, pacer.step, held_out)}
+    last_step = config.run.steps
+
+    while not ctx.stopping.is_set():
+        with ctx.clock.busy():
+            await pacer.dispatch()
+        with ctx.clock.waiting():
+            arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
+        with ctx.clock.busy():
+            for event, msg in arrived:
+                if isinstance(event, events.StepCommitted):
+                    await pacer.on_step(event)
+                    due = event.step % config.coordinator.eval_every == 0 or event.step == last_step
+                    if due and event.step not in rounds and event.step <= last_step:
+                        rounds[event.step] = await dispatch_eval(ctx, event.step, held_out)
+                elif isinstance(event, events.GroupFiltered):
+                    await pacer.on_filtered(event)
+                elif isinstance(event, events.ScoredGroup):
+                    record_result(rounds, event, config.coordinator.correct_reward)
+                    done = rounds.get(event.eval_round)
+                    if done is not None and done.complete and not done.recorded:
+                        result = summarize(done)
+                        done.recorded = True
+                        await store.add_eval(result)
+                        await store.update(accuracy=result["accuracy"], eval_step=done.round)
+                        log.info("eval after step %d: accuracy %.3f", done.round, result["accuracy"])
+                await msg.ack()
+            if pacer.step >= last_step and all(r.complete for r in rounds.values()):
+                break
+
+    if pacer.step >= last_step:
+        await store.update(status="finished", finished=time.time())
+        stop = events.Control(run_id=ctx.run_id, policy_version=pacer.step, command="stop",
+                              reason=f"{last_step} steps committed")
+        await bus.nc.publish(ctx.subjects.control("stop"), events.encode(stop))
+        log.info("run %s finished: %d steps", ctx.run_id, pacer.step)

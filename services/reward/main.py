@@ -1,0 +1,48 @@
+"""Reward: generated groups in, scored groups out.
+
+    loop:
+        pull generated groups (shared durable consumer: start more replicas to scale)
+        score every sample with the recipe's @miles.reward functions (failures recorded, not raised)
+        publish the scored group (train -> buffer, eval -> coordinator), then ack the input
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from miles import events
+from miles.scoring import score
+from miles.service import ServiceContext
+from miles.subjects import REWARD_CONSUMER
+
+log = logging.getLogger("miles.reward")
+
+
+async def main(ctx: ServiceContext) -> None:
+    bus = ctx.bus
+    generated = await bus.pull("generated", REWARD_CONSUMER)
+    log.info("reward %s ready with %s", ctx.instance, ", ".join(ctx.recipe.rewards))
+    while not ctx.stopping.is_set():
+        with ctx.clock.waiting():
+            batch = await bus.fetch(generated, events.GeneratedGroup, 16, 1.0)
+        for group, msg in batch:
+            with ctx.clock.busy():
+                start = time.monotonic()
+                samples = [await score(sample, ctx.recipe.rewards) for sample in group.samples]
+                for sample in samples:
+                    if sample.failed:
+                        log.warning("sample %s failed: %s", sample.sample_id, sample.error)
+                scored = events.ScoredGroup(
+                    run_id=ctx.run_id,
+                    policy_version=group.policy_version,
+                    task_id=group.task_id,
+                    split=group.split,
+                    eval_round=group.eval_round,
+                    samples=samples,
+                    score_seconds=time.monotonic() - start,
+                )
+                subject = ctx.subjects.scored if group.split == "train" else ctx.subjects.eval_scored
+                await bus.publish(subject, scored, msg_id=f"scored/{group.task_id}")
+                await msg.ack()
+                ctx.clock.processed += 1

@@ -1,0 +1,104 @@
+"""Rollout: tasks in, generated sample groups out.
+
+    loop:
+        pull tasks (the shared durable consumer spreads them over replicas)
+        wait until the engines hold the policy version the tasks ask for
+        generate a group per task (default rollout, or the recipe's @miles.rollout)
+        publish each group (JetStream-acked, deduped by task id), then ack its task
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from transformers import AutoTokenizer
+
+from miles import events, raycluster
+from miles.bus import hold
+from miles.generation import EngineHandle, rollout_many
+from miles.service import ServiceContext
+from miles.subjects import ROLLOUT_CONSUMER
+from miles.weights import WeightsWatcher, make_blob_store
+from services.rollout.fleet import EngineFleet
+
+log = logging.getLogger("miles.rollout")
+
+
+async def main(ctx: ServiceContext) -> None:
+    config, bus = ctx.config, ctx.bus
+    assert config.model.path is not None, "model.path is required"
+    raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    fleet = EngineFleet(config, config.model.path, tokenizer, tag=ctx.instance)
+    await fleet.wait_ready()
+    blobs = make_blob_store(config, bus, ctx.run_dir)
+    weights = WeightsWatcher(bus)
+    await weights.start()
+    tasks = await bus.pull("tasks", ROLLOUT_CONSUMER)
+    log.info("rollout %s ready with %d engine(s)", ctx.instance, len(fleet.engines))
+
+    try:
+        while not ctx.stopping.is_set():
+            with ctx.clock.waiting():
+                batch = await bus.fetch(tasks, events.Task, config.rollout.tasks_per_fetch, 1.0)
+            if not batch:
+                await sync_weights(fleet, weights, blobs)
+                continue
+            needed = max(task.policy_version for task, _ in batch)
+            if weights.version < needed:
+                with ctx.clock.waiting():  # rollout waiting for weights: half of the bleed
+                    await hold(weights.wait_for(needed), [msg for _, msg in batch])
+            await sync_weights(fleet, weights, blobs)
+            with ctx.clock.busy():
+                await generate_and_publish(ctx, fleet, batch)
+    finally:
+        fleet.shutdown()
+
+
+async def sync_weights(fleet: EngineFleet, weights: WeightsWatcher, blobs) -> None:  # type: ignore[no-untyped-def]
+    latest = weights.latest
+    if latest is not None and latest.policy_version > fleet.weight_version:
+        path = await blobs.get_dir(latest.uri, latest.sha256)  # verifies the sha256
+        await fleet.load(path, latest.policy_version)
+
+
+async def generate_and_publish(
+    ctx: ServiceContext, fleet: EngineFleet, batch: list[tuple[events.Task, object]]
+) -> None:
+    shares = [batch[i :: len(fleet.engines)] for i in range(len(fleet.engines))]
+    results = await asyncio.gather(
+        *(generate(ctx, engine, share) for engine, share in zip(fleet.engines, shares, strict=True))
+    )
+    for share, (groups, seconds, engine) in zip(shares, results, strict=True):
+        for (task, msg), samples in zip(share, groups, strict=True):
+            group = events.GeneratedGroup(
+                run_id=ctx.run_id,
+                policy_version=min(s.policy_version_first for s in samples),
+                task_id=task.task_id,
+                split=task.split,
+                eval_round=task.eval_round,
+                samples=samples,
+                engine=engine,
+                generate_seconds=seconds,
+            )
+            await ctx.bus.publish(ctx.subjects.generated, group, msg_id=f"gen/{task.task_id}")
+            await msg.ack()  # type: ignore[attr-defined]
+            ctx.clock.processed += 1
+
+
+async def generate(
+    ctx: ServiceContext, engine: EngineHandle, share: list[tuple[events.Task, object]]
+) -> tuple[list[list[events.Sample]], float, str]:
+    start = time.monotonic()
+    tasks = [task for task, _ in share]
+    if not tasks:
+        return [], 0.0, engine.name
+    custom = ctx.recipe.rollout
+    if custom is None:
+        groups = await rollout_many(engine, tasks, ctx.config.rollout)
+    else:
+        groups = list(await asyncio.gather(*(custom(engine, t, ctx.config.rollout) for t in tasks)))
+    return groups, time.monotonic() - start, engine.name
+
