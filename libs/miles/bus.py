@@ -116,7 +116,7 @@ async def connect_nats(url: str, timeout: float, name: str) -> NATS:
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
         )
-    except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
         raise Unreachable(
             f"cannot reach NATS at {url} ({type(exc).__name__}); start nats-server with "
             "JetStream (`nats-server -js`) and set NATS_URL, or unset it to run an embedded one"
@@ -149,7 +149,7 @@ class Bus:
                 max_msg_size=self.max_payload,
             )
             try:
-                await self.js.stream_info(config.name)
+                await self.js.stream_info(self.subjects.stream(spec.kind))
             except nats.js.errors.NotFoundError:
                 await self.js.add_stream(config)
         for consumer in consumers:
@@ -192,8 +192,12 @@ class Bus:
             try:
                 await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
                 return
-            except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
-                    nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as exc:
+            except (
+                nats.errors.TimeoutError,
+                nats.errors.ConnectionClosedError,
+                nats.js.errors.ServiceUnavailableError,
+                nats.errors.NoRespondersError,
+            ) as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("publish to %s failed (%s); retrying in %.1fs", subject, exc, delay)
@@ -210,7 +214,7 @@ class Bus:
         """Pull up to ``batch`` messages; bad ones are dead-lettered and acked here."""
         try:
             messages = await subscription.fetch(batch=batch, timeout=timeout)
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):  # nats-py raises either
+        except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either
             return []
         good: list[tuple[E, Msg]] = []
         for msg in messages:
@@ -253,7 +257,6 @@ class Bus:
         return await self.js.subscribe(
             subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST
         )
-
 
 
 async def hold(work: Awaitable[T], messages: list[Msg], every: float = 10.0) -> T:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import json
 import logging
 import os
 import sys
@@ -29,41 +28,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a recipe end to end on this machine",
-                         description="Start NATS, Redis and Ray if needed, then the five services "
-                         "as separate processes; show live progress; write runs/<id>/summary.json.")
+    run = sub.add_parser(
+        "run",
+        help="run a recipe end to end on this machine",
+        description="Start NATS, Redis and Ray if needed, then the five services "
+        "as separate processes; show live progress; write runs/<id>/summary.json.",
+    )
     run.add_argument("recipe", type=Path, help="the recipe file (Python)")
     _config_args(run)
     run.add_argument("--run-id", help="run id (default: <run.name>-<time>)")
     run.add_argument("--quiet", action="store_true", help="no live view; one line per step")
 
-    serve = sub.add_parser("serve", help="run one service against existing NATS/Redis/Ray",
-                           description="Run one service of a run. Any number of rollout and "
-                           "reward replicas may serve the same run.")
+    serve = sub.add_parser(
+        "serve",
+        help="run one service against existing NATS/Redis/Ray",
+        description="Run one service of a run. Any number of rollout and "
+        "reward replicas may serve the same run.",
+    )
     serve.add_argument("service", choices=SERVICES, help="which service")
     serve.add_argument("--recipe", type=Path, required=True, help="the recipe file (Python)")
     serve.add_argument("--run-id", required=True, help="the run to join")
     serve.add_argument("--run-dir", type=Path, help="local directory for this run's files")
     _config_args(serve)
 
-    status = sub.add_parser("status", help="where a run stands, read from Redis",
-                            description="Print step, policy version, reward, accuracy, samples/s "
-                            "and live services. Without RUN, list runs.")
+    status = sub.add_parser(
+        "status",
+        help="where a run stands, read from Redis",
+        description="Print step, policy version, reward, accuracy, samples/s "
+        "and live services. Without RUN, list runs.",
+    )
     status.add_argument("run_id", nargs="?", metavar="RUN", help="run id (default: the latest)")
-    status.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
-                        help="Redis holding the run records (default: $REDIS_URL)")
+    status.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="Redis holding the run records (default: $REDIS_URL)",
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path,
-                        help="TOML overriding the recipe's config, or a resolved config.json")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override one field, e.g. trainer.lr=1e-5")
+    parser.add_argument(
+        "--config", type=Path, help="TOML overriding the recipe's config, or a resolved config.json"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. trainer.lr=1e-5",
+    )
 
 
-def resolve_config(recipe_config: MilesConfig, path: Path | None, overrides: list[str]) -> MilesConfig:
+def resolve_config(
+    recipe_config: MilesConfig, path: Path | None, overrides: list[str]
+) -> MilesConfig:
     if path is not None and path.suffix == ".json":
         return load_config(MilesConfig.model_validate_json(path.read_text()), None, overrides)
     config = load_config(recipe_config, path, overrides)
@@ -80,8 +100,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     config = resolve_config(recipe.config, args.config, args.overrides)
     if not config.infra.nats_url or not config.infra.redis_url:
-        print("miles serve needs NATS_URL and REDIS_URL (or infra.nats_url / infra.redis_url)",
-              file=sys.stderr)
+        print(
+            "miles serve needs NATS_URL and REDIS_URL (or infra.nats_url / infra.redis_url)",
+            file=sys.stderr,
+        )
         return 2
     run_dir = args.run_dir or config.run.output_dir / args.run_id
     run_dir.mkdir(parents=True, exist_ok=True)

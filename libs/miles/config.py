@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -144,7 +145,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(
-    base: MilesConfig | None = None, toml_path: Path | None = None, overrides: list[str] = ()
+    base: MilesConfig | None = None, toml_path: Path | None = None, overrides: Sequence[str] = ()
 ) -> MilesConfig:
     """Recipe defaults, then a TOML file, then ``--set`` overrides, validated once at the end."""
     data = base.model_dump(mode="json") if base else {}

@@ -35,8 +35,10 @@ def load_prompts(config: MilesConfig, recipe: Recipe, split: str) -> list[Prompt
     if path is not None:
         rows = read_jsonl(path)
     elif recipe.dataset is not None:
-        rows = [Prompt(prompt=str(r["prompt"]), label=str(r.get("label", "")))
-                for r in recipe.dataset(split)]
+        rows = [
+            Prompt(prompt=str(r["prompt"]), label=str(r.get("label", "")))
+            for r in recipe.dataset(split)
+        ]
     else:
         raise ValueError(f"no {split} data: set data.{split}_path or add a @miles.dataset function")
     if split == "eval":

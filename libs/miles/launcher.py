@@ -1,10 +1,10 @@
 """`miles run`: everything on this machine, each service its own OS process.
 
-    resolve the config, run the recipe's @miles.setup
-    start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head
-    start the five services with `miles serve`, restarting a crashed one with backoff
-    show live progress until the coordinator reports the run finished
-    write runs/<run_id>/summary.json and stop everything, Ctrl-C included
+resolve the config, run the recipe's @miles.setup
+start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head
+start the five services with `miles serve`, restarting a crashed one with backoff
+show live progress until the coordinator reports the run finished
+write runs/<run_id>/summary.json and stop everything, Ctrl-C included
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ class Child:
     def start(self) -> None:
         handle = self.log_path.open("ab")
         self.log_handles.append(handle)
-        self.process = subprocess.Popen(self.argv, stdout=handle, stderr=subprocess.STDOUT,
-                                        env=self.env)
+        self.process = subprocess.Popen(
+            self.argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env
+        )
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -65,7 +66,9 @@ class Child:
 def launch(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     config = resolve_config(recipe.config, args.config, args.overrides)
-    run_id = args.run_id or f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    run_id = (
+        args.run_id or f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    )
     run_dir = (config.run.output_dir / run_id).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     if recipe.setup is not None:
@@ -87,21 +90,37 @@ def launch(args: argparse.Namespace) -> int:
             started_ray = True
         config_path = run_dir / "config.json"
         config_path.write_text(config.model_dump_json(indent=2))
-        print(f"miles: run {run_id} in {run_dir}\n  nats {config.infra.nats_url}  redis "
-              f"{config.infra.redis_url}  ray {config.infra.ray_address}", flush=True)
+        print(
+            f"miles: run {run_id} in {run_dir}\n  nats {config.infra.nats_url}  redis "
+            f"{config.infra.redis_url}  ray {config.infra.ray_address}",
+            flush=True,
+        )
 
         env = os.environ | {"RAY_ADDRESS": config.infra.ray_address, "PYTHONUNBUFFERED": "1"}
         for service in SERVICES:
-            argv = [sys.executable, "-m", "miles.cli", "serve", service, "--recipe",
-                    str(recipe.path), "--run-id", run_id, "--run-dir", str(run_dir),
-                    "--config", str(config_path)]
+            argv = [
+                sys.executable,
+                "-m",
+                "miles.cli",
+                "serve",
+                service,
+                "--recipe",
+                str(recipe.path),
+                "--run-id",
+                run_id,
+                "--run-dir",
+                str(run_dir),
+                "--config",
+                str(config_path),
+            ]
             child = Child(service, argv, run_dir / "logs" / f"{service}.log", env)
             child.start()
             children.append(child)
 
         client = redis.Redis.from_url(config.infra.redis_url, decode_responses=True)
-        finished, peak_processes = supervise(children, client, run_id, config.run.steps,
-                                             quiet=args.quiet)
+        finished, peak_processes = supervise(
+            children, client, run_id, config.run.steps, quiet=args.quiet
+        )
         view = RunView.read(client, run_id)
         summary = view.summary() | {
             "restarts": {c.service: c.restarts for c in children},
@@ -121,8 +140,9 @@ def launch(args: argparse.Namespace) -> int:
             server.stop()
 
 
-def supervise(children: list[Child], client: redis.Redis, run_id: str, steps: int,
-              quiet: bool) -> tuple[bool, int]:
+def supervise(
+    children: list[Child], client: redis.Redis, run_id: str, steps: int, quiet: bool
+) -> tuple[bool, int]:
     """Restart crashed services with backoff; return (finished, peak OS process count)."""
     coordinator = children[0]
     peak = 0
@@ -142,8 +162,10 @@ def supervise(children: list[Child], client: redis.Redis, run_id: str, steps: in
                     return client.hget(f"miles:run:{run_id}", "status") == "finished", peak
                 if time.monotonic() >= child.next_start:
                     child.restarts += 1
-                    live.log(f"{child.service} exited with code {code}; restart "
-                             f"#{child.restarts} (log: {child.log_path})")
+                    live.log(
+                        f"{child.service} exited with code {code}; restart "
+                        f"#{child.restarts} (log: {child.log_path})"
+                    )
                     if child.restarts > 5:
                         live.log(f"{child.service} keeps crashing; giving up")
                         return False, peak

@@ -29,8 +29,12 @@ class LiveView:
             self.live.__enter__()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self.live:
             self.live.__exit__(kind, value, tb)
 
@@ -41,21 +45,35 @@ class LiveView:
         if self.live:
             self.live.update(self._table(view))
             return
-        for record in view.evals[self.last_eval:]:
-            print(f"eval after step {record['after_step']}: held-out accuracy "
-                  f"{record['accuracy']:.3f}", flush=True)
+        for record in view.evals[self.last_eval :]:
+            print(
+                f"eval after step {record['after_step']}: held-out accuracy "
+                f"{record['accuracy']:.3f}",
+                flush=True,
+            )
         self.last_eval = len(view.evals)
         if view.steps and view.step != self.last_step:
-            for record in view.steps[self.last_step if self.last_step > 0 else 0:]:
+            for record in view.steps[self.last_step if self.last_step > 0 else 0 :]:
                 seconds = " ".join(f"{k}={v:.2f}s" for k, v in record["seconds"].items())
-                print(f"step {record['step']}/{self.steps} reward {record['reward_mean']:.3f} "
-                      f"loss {record['metrics']['loss']:+.4f} {seconds}", flush=True)
+                print(
+                    f"step {record['step']}/{self.steps} reward {record['reward_mean']:.3f} "
+                    f"loss {record['metrics']['loss']:+.4f} {seconds}",
+                    flush=True,
+                )
             self.last_step = view.step
 
     def _table(self, view: RunView) -> Table:
         table = Table(title=f"miles run {self.run_id}", expand=False)
-        for column in ("step", "reward mean", "held-out acc", "samples/s", "wait s", "train s",
-                       "save s", "filtered"):
+        for column in (
+            "step",
+            "reward mean",
+            "held-out acc",
+            "samples/s",
+            "wait s",
+            "train s",
+            "save s",
+            "filtered",
+        ):
             table.add_column(column, justify="right")
         last = view.steps[-1] if view.steps else None
         accuracy = view.accuracy()

@@ -93,8 +93,9 @@ class ServiceContext:
             )
             await self.store.heartbeat(beat)  # `miles status` works even without a coordinator
             if await self.store.status() in ("finished", "failed"):
-                log.info("run %s is %s; %s stops", self.run_id, await self.store.status(),
-                         self.service)
+                log.info(
+                    "run %s is %s; %s stops", self.run_id, await self.store.status(), self.service
+                )
                 self.stopping.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=period)
@@ -139,7 +140,7 @@ async def run_service(
         loop.add_signal_handler(sig, ctx.stopping.set)
     await ctx._control()
     heartbeats = asyncio.create_task(ctx._heartbeat_loop())
-    work = asyncio.create_task(main(ctx))
+    work = asyncio.ensure_future(main(ctx))
     stop = asyncio.create_task(ctx.stopping.wait())
     try:
         done, _ = await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -154,5 +155,9 @@ async def run_service(
         stop.cancel()
         await heartbeats
         await ctx.store.heartbeat(ctx.heartbeat())
-        await nc.drain()
+        # Not nc.drain(): a pull fetch that expired leaves its 408 status message unread in the
+        # subscription's queue, and drain() waits for that queue until its 30 s timeout. What must
+        # be durable was JetStream-acked already; flush sends the last acks before closing.
+        await nc.flush()
+        await nc.close()
         await redis.aclose()

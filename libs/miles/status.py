@@ -29,8 +29,9 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
         return 0
     table = Table(title=f"run {run_id} ({view.run.get('status')})", show_header=False)
     accuracy = view.accuracy()
+    config = json.loads(client.get(f"miles:run:{run_id}:config") or "{}")  # type: ignore[arg-type]
     rows = {
-        "step": f"{view.step} / {json.loads(client.get(f'miles:run:{run_id}:config') or '{}').get('run', {}).get('steps', '?')}",  # type: ignore[arg-type]
+        "step": f"{view.step} / {config.get('run', {}).get('steps', '?')}",
         "policy version": view.run.get("policy_version", "0"),
         "reward mean (last step)": f"{float(view.run.get('reward_mean', 'nan')):.3f}",
         "held-out accuracy": "-" if accuracy is None else f"{accuracy:.3f}",
@@ -47,7 +48,12 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
         services.add_column(column)
     now = time.time()
     for name, beat in sorted(view.services.items()):
-        services.add_row(name, f"{now - beat['time']:.1f} s ago", f"{beat['busy_seconds']:.1f}",
-                         f"{beat['wait_seconds']:.1f}", str(beat["processed"]))
+        services.add_row(
+            name,
+            f"{now - beat['time']:.1f} s ago",
+            f"{beat['busy_seconds']:.1f}",
+            f"{beat['wait_seconds']:.1f}",
+            str(beat["processed"]),
+        )
     console.print(services)
     return 0

@@ -53,8 +53,13 @@ class RunStore:
         if created:
             await self.redis.hset(
                 self.key,
-                mapping={"run_id": self.run_id, "status": "running", "started": now,
-                         "step": 0, "policy_version": 0},
+                mapping={
+                    "run_id": self.run_id,
+                    "status": "running",
+                    "started": now,
+                    "step": 0,
+                    "policy_version": 0,
+                },
             )
             await self.redis.set(f"{self.key}:config", config_json)
             await self.redis.zadd("miles:runs", {self.run_id: now})

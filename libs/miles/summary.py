@@ -31,8 +31,14 @@ class RunView:
             return {k: int(v) for k, v in client.hgetall(f"{key}:{suffix}").items()}  # type: ignore[union-attr]
 
         services = {k: json.loads(v) for k, v in client.hgetall(f"{key}:services").items()}  # type: ignore[union-attr]
-        return cls(client.hgetall(key), rows("steps"), rows("evals"), services,  # type: ignore[arg-type]
-                   counts("dead"), counts("filtered"))
+        return cls(
+            client.hgetall(key),
+            rows("steps"),
+            rows("evals"),
+            services,  # type: ignore[arg-type]
+            counts("dead"),
+            counts("filtered"),
+        )
 
     @property
     def exists(self) -> bool:
@@ -85,8 +91,9 @@ class RunView:
             "samples_per_second": round(self.samples_per_second(), 3),
             "accuracy_before": self.evals[0]["accuracy"] if self.evals else None,
             "accuracy_after": self.evals[-1]["accuracy"] if self.evals else None,
-            "evals": [{"after_step": e["after_step"], "accuracy": e["accuracy"]}
-                      for e in self.evals],
+            "evals": [
+                {"after_step": e["after_step"], "accuracy": e["accuracy"]} for e in self.evals
+            ],
             "reward_mean_first": rewards[0] if rewards else None,
             "reward_mean_last": rewards[-1] if rewards else None,
             "reward_mean_by_step": rewards,

@@ -1,10 +1,10 @@
 """Buffer: scored groups in, training batches out.
 
-    loop:
-        pull scored groups
-        drop what cannot be trained (failed, stale, zero variance): tell the coordinator, ack
-        hold the rest unacked (JetStream keeps them for us if we die)
-        every B held groups: compute group advantages, publish the batch, then ack its groups
+loop:
+    pull scored groups
+    drop what cannot be trained (failed, stale, zero variance): tell the coordinator, ack
+    hold the rest unacked (JetStream keeps them for us if we die)
+    every B held groups: compute group advantages, publish the batch, then ack its groups
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ async def main(ctx: ServiceContext) -> None:
                 for task_id in chosen:
                     await pending.pop(task_id)[1].ack()
                 ctx.clock.processed += 1
-                log.info("batch %s: %d groups, %d samples", batch.batch_id, size, len(batch.samples))
+                log.info(
+                    "batch %s: %d groups, %d samples", batch.batch_id, size, len(batch.samples)
+                )
             if time.monotonic() - last_touch > 10:  # held groups must not be redelivered
                 for _, msg in pending.values():
                     await msg.in_progress()

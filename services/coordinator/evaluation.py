@@ -1,4 +1,4 @@
-"""Held-out evaluation rounds: greedy generation of the eval prompts, scored, reduced to accuracy."""
+"""Held-out evaluation: greedy generation of the eval prompts, scored, reduced to accuracy."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ async def dispatch_eval(ctx: ServiceContext, round_: int, prompts: list[Prompt])
     return EvalRound(round_, expected=len(prompts))
 
 
-def record_result(rounds: dict[int, EvalRound], group: events.ScoredGroup, threshold: float) -> None:
+def record_result(
+    rounds: dict[int, EvalRound], group: events.ScoredGroup, threshold: float
+) -> None:
     current = rounds.get(group.eval_round)
     if current is None:  # a round from before a coordinator restart: it is re-run
         return

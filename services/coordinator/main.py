@@ -1,12 +1,12 @@
 """Coordinator: owns the run and paces it.
 
-    create the streams, consumers and the run record (idempotent: a restart resumes)
-    evaluate the initial policy
-    loop until N steps are committed and every evaluation is in:
-        dispatch training tasks while the staleness gate and the in-flight bound allow
-        read the ledger: committed steps, filtered groups, evaluation results
-        every K steps (and after the last), evaluate greedy accuracy on held-out prompts
-    mark the run finished and tell every service to stop
+create the streams, consumers and the run record (idempotent: a restart resumes)
+evaluate the initial policy
+loop until N steps are committed and every evaluation is in:
+    dispatch training tasks while the staleness gate and the in-flight bound allow
+    read the ledger: committed steps, filtered groups, evaluation results
+    every K steps (and after the last), evaluate greedy accuracy on held-out prompts
+mark the run finished and tell every service to stop
 """
 
 from __future__ import annotations
@@ -58,14 +58,20 @@ async def main(ctx: ServiceContext) -> None:
                         done.recorded = True
                         await store.add_eval(result)
                         await store.update(accuracy=result["accuracy"], eval_step=done.round)
-                        log.info("eval after step %d: accuracy %.3f", done.round, result["accuracy"])
+                        log.info(
+                            "eval after step %d: accuracy %.3f", done.round, result["accuracy"]
+                        )
                 await msg.ack()
             if pacer.step >= last_step and all(r.complete for r in rounds.values()):
                 break
 
     if pacer.step >= last_step:
         await store.update(status="finished", finished=time.time())
-        stop = events.Control(run_id=ctx.run_id, policy_version=pacer.step, command="stop",
-                              reason=f"{last_step} steps committed")
+        stop = events.Control(
+            run_id=ctx.run_id,
+            policy_version=pacer.step,
+            command="stop",
+            reason=f"{last_step} steps committed",
+        )
         await bus.nc.publish(ctx.subjects.control("stop"), events.encode(stop))
         log.info("run %s finished: %d steps", ctx.run_id, pacer.step)

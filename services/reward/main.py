@@ -1,9 +1,9 @@
 """Reward: generated groups in, scored groups out.
 
-    loop:
-        pull generated groups (shared durable consumer: start more replicas to scale)
-        score every sample with the recipe's @miles.reward functions (failures recorded, not raised)
-        publish the scored group (train -> buffer, eval -> coordinator), then ack the input
+loop:
+    pull generated groups (shared durable consumer: start more replicas to scale)
+    score every sample with the recipe's @miles.reward functions (failures recorded, not raised)
+    publish the scored group (train -> buffer, eval -> coordinator), then ack the input
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ async def main(ctx: ServiceContext) -> None:
                     samples=samples,
                     score_seconds=time.monotonic() - start,
                 )
-                subject = ctx.subjects.scored if group.split == "train" else ctx.subjects.eval_scored
+                subject = (
+                    ctx.subjects.scored if group.split == "train" else ctx.subjects.eval_scored
+                )
                 await bus.publish(subject, scored, msg_id=f"scored/{group.task_id}")
                 await msg.ack()
                 ctx.clock.processed += 1

@@ -1,10 +1,10 @@
 """Rollout: tasks in, generated sample groups out.
 
-    loop:
-        pull tasks (the shared durable consumer spreads them over replicas)
-        wait until the engines hold the policy version the tasks ask for
-        generate a group per task (default rollout, or the recipe's @miles.rollout)
-        publish each group (JetStream-acked, deduped by task id), then ack its task
+loop:
+    pull tasks (the shared durable consumer spreads them over replicas)
+    wait until the engines hold the policy version the tasks ask for
+    generate a group per task (default rollout, or the recipe's @miles.rollout)
+    publish each group (JetStream-acked, deduped by task id), then ack its task
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
 from miles import events, raycluster
@@ -65,7 +66,7 @@ async def sync_weights(fleet: EngineFleet, weights: WeightsWatcher, blobs) -> No
 
 
 async def generate_and_publish(
-    ctx: ServiceContext, fleet: EngineFleet, batch: list[tuple[events.Task, object]]
+    ctx: ServiceContext, fleet: EngineFleet, batch: list[tuple[events.Task, Msg]]
 ) -> None:
     shares = [batch[i :: len(fleet.engines)] for i in range(len(fleet.engines))]
     results = await asyncio.gather(
@@ -84,12 +85,12 @@ async def generate_and_publish(
                 generate_seconds=seconds,
             )
             await ctx.bus.publish(ctx.subjects.generated, group, msg_id=f"gen/{task.task_id}")
-            await msg.ack()  # type: ignore[attr-defined]
+            await msg.ack()
             ctx.clock.processed += 1
 
 
 async def generate(
-    ctx: ServiceContext, engine: EngineHandle, share: list[tuple[events.Task, object]]
+    ctx: ServiceContext, engine: EngineHandle, share: list[tuple[events.Task, Msg]]
 ) -> tuple[list[list[events.Sample]], float, str]:
     start = time.monotonic()
     tasks = [task for task, _ in share]
@@ -101,4 +102,3 @@ async def generate(
     else:
         groups = list(await asyncio.gather(*(custom(engine, t, ctx.config.rollout) for t in tasks)))
     return groups, time.monotonic() - start, engine.name
-

@@ -1,12 +1,12 @@
 """Trainer: batches in, committed steps and new weights out.
 
-    loop:
-        pull one batch
-        if the ledger says it was trained: re-announce the step (idempotent) and ack
-        train one step on the Ray actor
-        write the weights (safetensors, HF names) to the blob store
-        commit the step in Redis (ledger + record + version, one transaction)
-        publish weights and step events (deduped by version), then ack the batch
+loop:
+    pull one batch
+    if the ledger says it was trained: re-announce the step (idempotent) and ack
+    train one step on the Ray actor
+    write the weights (safetensors, HF names) to the blob store
+    commit the step in Redis (ledger + record + version, one transaction)
+    publish weights and step events (deduped by version), then ack the batch
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -30,7 +31,7 @@ log = logging.getLogger("miles.trainer")
 async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
-    actor = (
+    actor: Any = (
         ray.remote(TrainerActor)
         .options(num_cpus=config.trainer.num_cpus, max_restarts=0)
         .remote(str(ctx.recipe.path), config.model_dump_json())
@@ -102,16 +103,25 @@ async def announce(ctx: ServiceContext, record: dict) -> None:  # type: ignore[t
     """Publish the weights and the step; ids make a repeat after a crash a no-op."""
     step = record["step"]
     weights = events.WeightsPublished(
-        run_id=ctx.run_id, policy_version=step, uri=record["weights_uri"],
-        sha256=record["weights_sha256"], step=step,
+        run_id=ctx.run_id,
+        policy_version=step,
+        uri=record["weights_uri"],
+        sha256=record["weights_sha256"],
+        step=step,
     )
     await ctx.bus.publish(ctx.subjects.weights, weights, msg_id=f"weights/v{step}")
     metrics = record["metrics"]
     committed = events.StepCommitted(
-        run_id=ctx.run_id, policy_version=step, step=step, batch_id=record["batch_id"],
-        task_ids=record["task_ids"], sample_ids=record["sample_ids"],
-        reward_mean=record["reward_mean"], loss=float(metrics["loss"]),
-        grad_norm=float(metrics.get("grad_norm", 0.0)), kl=float(metrics.get("kl", 0.0)),
+        run_id=ctx.run_id,
+        policy_version=step,
+        step=step,
+        batch_id=record["batch_id"],
+        task_ids=record["task_ids"],
+        sample_ids=record["sample_ids"],
+        reward_mean=record["reward_mean"],
+        loss=float(metrics["loss"]),
+        grad_norm=float(metrics.get("grad_norm", 0.0)),
+        kl=float(metrics.get("kl", 0.0)),
         seconds=record["seconds"],
     )
     await ctx.bus.publish(ctx.subjects.steps, committed, msg_id=f"step/{step}")

@@ -13,7 +13,7 @@ from miles.engine.protocol import SamplingParams
 
 
 def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the ``top_k`` largest logits of a 1-D tensor, set the rest to -inf; ``top_k <= 0`` keeps all.
+    """Keep the ``top_k`` largest logits of a 1-D tensor, the rest -inf; ``top_k <= 0`` keeps all.
 
     Exactly ``top_k`` tokens survive even when logits tie at the boundary.
     """

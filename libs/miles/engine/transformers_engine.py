@@ -109,7 +109,7 @@ class TransformersEngine:
         return self._weight_version
 
     def health(self) -> bool:
-        """A one-token greedy generation succeeds. Bypasses the pause flag: paused is not unhealthy."""
+        """A one-token greedy generation succeeds; ignores the pause flag (paused is not unhealthy)."""
         probe = GenerateRequest(
             rid="health",
             input_ids=[self._eos_token_id],
@@ -127,7 +127,9 @@ class TransformersEngine:
         while True:
             for row, index in enumerate(active):
                 self._advance(sequences[index], logits[row])
-            keep = [row for row, index in enumerate(active) if sequences[index].finish_reason is None]
+            keep = [
+                row for row, index in enumerate(active) if sequences[index].finish_reason is None
+            ]
             if not keep:
                 break
             if len(keep) < len(active):
@@ -161,7 +163,7 @@ class TransformersEngine:
     def _prefill(
         self, prompts: list[list[int]]
     ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
-        """Run the left-padded prompts; return last-position logits, the cache, mask and last positions."""
+        """Run the left-padded prompts: last-position logits, the cache, mask and last positions."""
         width = max(len(prompt) for prompt in prompts)
         input_ids = torch.full((len(prompts), width), self._pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -208,7 +210,7 @@ class TransformersEngine:
         return GenerateOutput(
             rid=sequence.request.rid,
             output_ids=sequence.output_ids,
-            text=self._tokenizer.decode(sequence.output_ids, skip_special_tokens=True),
+            text=str(self._tokenizer.decode(sequence.output_ids, skip_special_tokens=True)),
             output_token_logprobs=sequence.logprobs if sequence.request.return_logprob else [],
             finish_reason=sequence.finish_reason,
             weight_version=self._weight_version,

@@ -1,0 +1,62 @@
+"""Shared fixtures: real nats-server and redis-server on free loopback ports, started per test
+module so tests are isolated and the chaos tests can kill them; a real local Ray per session."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from miles import embedded
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embedded.Server]:
+    server = embedded.start_nats(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embedded.Server]:
+    server = embedded.start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import ray
+
+    from miles import raycluster
+
+    run_dir = tmp_path_factory.mktemp("ray")
+    address = raycluster.start_local(run_dir, num_cpus=4)
+    yield address
+    ray.shutdown()
+    shutil.rmtree(raycluster.ray_temp_dir(run_dir), ignore_errors=True)
+
+
+@pytest.fixture
+async def redis_client(redis_server: embedded.Server) -> AsyncIterator[object]:
+    from miles.store import connect_redis
+
+    client = await connect_redis(redis_server.url, 5)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny Llama and the addition tokenizer, saved like a real model."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "addition"))
+    import task  # type: ignore[import-not-found]
+
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tokenizer = task.build_tokenizer(directory)
+    task.make_model(tokenizer, seed=0).save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,91 @@
+"""The run record against a real redis-server: idempotent creation, exactly-once step commits."""
+
+import uuid
+
+import pytest
+from redis.asyncio import Redis
+
+from miles import events
+from miles.store import RunStore, list_runs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(redis_client: Redis) -> RunStore:
+    return RunStore(redis_client, f"run-{uuid.uuid4().hex[:8]}")
+
+
+async def test_create_run_is_idempotent_for_one_config(store: RunStore) -> None:
+    assert await store.create_run("hash-a", '{"lr": 1}') is True
+    run = await store.run()
+    assert run["status"] == "running"
+    assert run["step"] == "0"
+    assert run["policy_version"] == "0"
+    started = run["started"]
+    await store.update(cursor=5)
+    assert await store.create_run("hash-a", '{"lr": 1}') is False  # a restarted coordinator
+    run = await store.run()
+    assert run["cursor"] == "5"  # a restart does not reset the run
+    assert run["started"] == started
+    assert await store.redis.get(f"{store.key}:config") == '{"lr": 1}'
+    assert store.run_id in await list_runs(store.redis)
+
+
+async def test_create_run_refuses_another_config(store: RunStore) -> None:
+    await store.create_run("hash-a", "{}")
+    with pytest.raises(ValueError, match="hash-a"):
+        await store.create_run("hash-b", "{}")
+    assert (await store.run())["config_hash"] == "hash-a"
+
+
+async def test_commit_step_once_per_batch(store: RunStore) -> None:
+    await store.create_run("h", "{}")
+    assert await store.commit_step(1, {"step": 1, "batch_id": "b-1"}, "b-1") is True
+    assert await store.trained("b-1")
+    assert await store.policy_version() == 1
+    # a redelivered batch: refused, and nothing changes
+    assert await store.commit_step(2, {"step": 2, "batch_id": "b-1"}, "b-1") is False
+    assert await store.steps() == [{"step": 1, "batch_id": "b-1"}]
+    assert await store.policy_version() == 1
+    assert (await store.run())["step"] == "1"
+    assert await store.commit_step(2, {"step": 2, "batch_id": "b-2"}, "b-2") is True
+    assert [r["step"] for r in await store.steps()] == [1, 2]
+    assert await store.policy_version() == 2
+    assert not await store.trained("b-3")
+
+
+async def test_heartbeats_are_listed(store: RunStore) -> None:
+    for service, instance, processed in [("reward", "h-1", 3), ("reward", "h-2", 4)]:
+        await store.heartbeat(
+            events.Heartbeat(
+                run_id=store.run_id,
+                policy_version=-1,
+                service=service,
+                instance=instance,
+                pid=1,
+                time=100.0,
+                busy_seconds=1.0,
+                wait_seconds=2.0,
+                processed=processed,
+            )
+        )
+    await store.heartbeat(  # a later beat of the same instance replaces the earlier one
+        events.Heartbeat(
+            run_id=store.run_id, policy_version=-1, service="reward", instance="h-1", pid=1,
+            time=101.0, busy_seconds=1.5, wait_seconds=2.0, processed=5,
+        )
+    )
+    services = await store.services()
+    assert set(services) == {"reward/h-1", "reward/h-2"}
+    assert services["reward/h-1"]["processed"] == 5
+    assert services["reward/h-1"]["time"] == 101.0
+    assert services["reward/h-2"]["processed"] == 4
+
+
+async def test_counters(store: RunStore) -> None:
+    await store.count_dead_letter("pickle")
+    await store.count_dead_letter("pickle")
+    await store.count_filtered("stale")
+    assert await store.dead_letters() == {"pickle": 2}
+    assert await store.filtered() == {"stale": 1}

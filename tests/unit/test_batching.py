@@ -1,0 +1,97 @@
+"""The buffer's pure logic: which groups are dropped and why, and the batch they become."""
+
+import math
+
+import pytest
+
+from miles.batching import batch_id, filter_reason, make_batch
+from miles.config import BufferConfig, GRPOConfig
+from miles.events import Sample, ScoredGroup
+
+EPS = 1e-6  # group_advantages' default, added to the std
+
+
+def _group(
+    task_id: str, rewards: list[float], version: int = 0, failed: tuple[int, ...] = ()
+) -> ScoredGroup:
+    samples = [
+        Sample(
+            sample_id=f"{task_id}/{i}",
+            prompt="1+1=",
+            label="2",
+            prompt_ids=[1, 2, 3],
+            response_ids=[4, 5],
+            response_logprobs=[-0.5, -0.25],
+            response_text="2",
+            finish_reason="stop",
+            policy_version_first=version,
+            policy_version_last=version,
+            reward=reward,
+            failed=i in failed,
+        )
+        for i, reward in enumerate(rewards)
+    ]
+    return ScoredGroup(
+        run_id="r", policy_version=version, task_id=task_id, split="train", eval_round=-1,
+        samples=samples,
+    )
+
+
+STRICT = BufferConfig(max_staleness=0)
+
+
+@pytest.mark.parametrize(
+    ("group", "trainer_version", "buffer", "reason"),
+    [
+        (_group("a", [1, 0]), 0, STRICT, None),
+        (_group("a", [1, 0, 0], failed=(0, 1)), 0, STRICT, "failed"),  # one valid sample left
+        (_group("a", [1, 0], version=3), 2, STRICT, "future_version"),
+        (_group("a", [1, 0], version=1), 2, STRICT, "stale"),
+        (_group("a", [1, 0], version=1), 2, BufferConfig(max_staleness=1), None),
+        (_group("a", [1, 0], version=0), 2, BufferConfig(max_staleness=1), "stale"),
+        (_group("a", [0.5, 0.5]), 0, STRICT, "zero_variance"),
+        (_group("a", [0.5, 0.5]), 0, BufferConfig(filter_zero_variance=False), None),
+        # variance only among failed samples does not count: the valid ones are all equal
+        (_group("a", [1, 1, 0], failed=(2,)), 0, STRICT, "zero_variance"),
+    ],
+)
+def test_filter_reason(
+    group: ScoredGroup, trainer_version: int, buffer: BufferConfig, reason: str | None
+) -> None:
+    assert filter_reason(group, trainer_version, buffer) == reason
+
+
+def test_make_batch_advantages_by_hand() -> None:
+    # group a: [1, 0]: mean 0.5, population std 0.5 -> [+0.5, -0.5] / (0.5 + eps)
+    # group b: [3, 0, 0] (sample 3 failed, excluded): mean 1, centred [2, -1, -1],
+    #          variance (4 + 1 + 1) / 3 = 2, std sqrt(2) -> [2, -1, -1] / (sqrt(2) + eps)
+    a = _group("a", [1, 0], version=2)
+    b = _group("b", [3, 0, 0, 9], version=1, failed=(3,))
+    batch = make_batch("r", [a, b], GRPOConfig(scale_by_std=True))
+    half = 0.5 / (0.5 + EPS)
+    root2 = math.sqrt(2) + EPS
+    assert [s.sample_id for s in batch.samples] == ["a/0", "a/1", "b/0", "b/1", "b/2"]
+    assert [s.advantage for s in batch.samples] == pytest.approx(
+        [half, -half, 2 / root2, -1 / root2, -1 / root2], abs=1e-12
+    )
+    assert [s.reward for s in batch.samples] == [1, 0, 3, 0, 0]
+    assert [s.policy_version for s in batch.samples] == [2, 2, 1, 1, 1]
+    assert batch.task_ids == ["a", "b"]
+    assert batch.policy_version == 1  # the oldest group's version
+    assert batch.run_id == "r"
+    assert batch.samples[0].response_logprobs == [-0.5, -0.25]
+
+
+def test_make_batch_dr_grpo_keeps_only_the_centring() -> None:
+    # [3, 0, 0]: mean 1 -> [2, -1, -1], not divided by the std (Dr.GRPO)
+    batch = make_batch("r", [_group("b", [3, 0, 0])], GRPOConfig(scale_by_std=False))
+    assert [s.advantage for s in batch.samples] == pytest.approx([2, -1, -1])
+
+
+def test_batch_id_is_stable_under_reordering() -> None:
+    a, b = _group("a", [1, 0]), _group("b", [0, 1])
+    forward = make_batch("r", [a, b], GRPOConfig())
+    backward = make_batch("r", [b, a], GRPOConfig())
+    assert forward.batch_id == backward.batch_id == batch_id(["b", "a"])
+    assert forward.batch_id.startswith("b-")
+    assert make_batch("r", [a, _group("c", [0, 1])], GRPOConfig()).batch_id != forward.batch_id
