@@ -116,8 +116,16 @@ async def test_bad_inputs_are_dead_lettered_acked_and_counted(
 
     steps = bus.subjects.steps
     good = events.StepCommitted(
-        run_id=bus.run_id, policy_version=1, step=1, batch_id="b", task_ids=["t0"],
-        sample_ids=["t0/0"], reward_mean=0.5, loss=0.1, grad_norm=1.0, kl=0.0,
+        run_id=bus.run_id,
+        policy_version=1,
+        step=1,
+        batch_id="b",
+        task_ids=["t0"],
+        sample_ids=["t0/0"],
+        reward_mean=0.5,
+        loss=0.1,
+        grad_norm=1.0,
+        kl=0.0,
     )
     bad = {
         "not_msgpack": b"\xc1\xc1 not msgpack",

@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 E = TypeVar("E", bound=events.Event)
 Main = Callable[[ServiceContext], Awaitable[None]]
 
-RECIPE = '''
+RECIPE = """
 import math
 
 import miles
@@ -56,7 +56,7 @@ def exact(sample: miles.Sample) -> float:
     if sample.label == "nan":
         return math.nan
     return float(sample.response_text == sample.label)
-'''
+"""
 
 
 class Harness:
@@ -99,7 +99,10 @@ class Harness:
         await self.bus.publish(subject, event, msg_id or uuid.uuid4().hex)
 
     async def collect(
-        self, subscription: JetStreamContext.PullSubscription, expected: type[E], count: int,
+        self,
+        subscription: JetStreamContext.PullSubscription,
+        expected: type[E],
+        count: int,
         timeout: float = 20,
     ) -> list[E]:
         """Exactly ``count`` events (acked), or fail after ``timeout`` seconds."""
@@ -149,9 +152,7 @@ class Harness:
             await self.store.redis.aclose()
 
 
-def _config(
-    nats: embedded.Server, redis: embedded.Server, *overrides: str
-) -> MilesConfig:
+def _config(nats: embedded.Server, redis: embedded.Server, *overrides: str) -> MilesConfig:
     return load_config(
         overrides=[
             f'infra.nats_url="{nats.url}"',
@@ -182,7 +183,11 @@ async def harness(run_config: MilesConfig, tmp_path: Path) -> AsyncIterator[Harn
 
 
 def _sample(
-    task_id: str, index: int, label: str = "3", text: str = "3", reward: float = 0.0,
+    task_id: str,
+    index: int,
+    label: str = "3",
+    text: str = "3",
+    reward: float = 0.0,
     version: int = 0,
 ) -> events.Sample:
     return events.Sample(
@@ -204,14 +209,22 @@ def _generated(
     h: Harness, task_id: str, samples: list[events.Sample], split: events.Split = "train"
 ) -> events.GeneratedGroup:
     return events.GeneratedGroup(
-        run_id=h.run_id, policy_version=0, task_id=task_id, split=split,
-        eval_round=0 if split == "eval" else -1, samples=samples,
+        run_id=h.run_id,
+        policy_version=0,
+        task_id=task_id,
+        split=split,
+        eval_round=0 if split == "eval" else -1,
+        samples=samples,
     )
 
 
 def _scored(h: Harness, task_id: str, rewards: list[float], version: int = 0) -> events.ScoredGroup:
     return events.ScoredGroup(
-        run_id=h.run_id, policy_version=version, task_id=task_id, split="train", eval_round=-1,
+        run_id=h.run_id,
+        policy_version=version,
+        task_id=task_id,
+        split="train",
+        eval_round=-1,
         samples=[_sample(task_id, i, reward=r, version=version) for i, r in enumerate(rewards)],
     )
 
@@ -351,9 +364,16 @@ async def test_coordinator_paces_dispatch_by_staleness_gate(
         ]
 
         step = events.StepCommitted(
-            run_id=h.run_id, policy_version=1, step=1, batch_id="b-1", task_ids=["t0", "t1"],
-            sample_ids=[f"t{i}/{j}" for i in range(2) for j in range(4)], reward_mean=0.5,
-            loss=0.1, grad_norm=1.0, kl=0.0,
+            run_id=h.run_id,
+            policy_version=1,
+            step=1,
+            batch_id="b-1",
+            task_ids=["t0", "t1"],
+            sample_ids=[f"t{i}/{j}" for i in range(2) for j in range(4)],
+            reward_mean=0.5,
+            loss=0.1,
+            grad_norm=1.0,
+            kl=0.0,
         )
         await h.publish(h.subjects.steps, step, "step/1")
         second = await h.collect(tasks, events.Task, 2)
@@ -408,8 +428,13 @@ async def on_ray(
 async def test_rollout_turns_a_task_into_a_group(on_ray: Harness) -> None:
     h = on_ray
     task = events.Task(
-        run_id=h.run_id, policy_version=0, task_id="r0", prompt="12+34=", label="64",
-        group_size=4, seed=1,
+        run_id=h.run_id,
+        policy_version=0,
+        task_id="r0",
+        prompt="12+34=",
+        label="64",
+        group_size=4,
+        seed=1,
     )
     await h.publish(h.subjects.tasks, task, "r0")
     generated = await h.bus.pull("generated", REWARD_CONSUMER)
@@ -444,7 +469,10 @@ def _batch(h: Harness) -> events.Batch:
         )
     ]
     return events.Batch(
-        run_id=h.run_id, policy_version=0, batch_id="b-test", task_ids=["x0", "x1"],
+        run_id=h.run_id,
+        policy_version=0,
+        batch_id="b-test",
+        task_ids=["x0", "x1"],
         samples=samples,
     )
 
@@ -468,7 +496,9 @@ async def test_trainer_commits_a_step_once(on_ray: Harness) -> None:
 
     [record] = await h.store.steps()
     assert (record["step"], record["batch_id"], record["weights_sha256"]) == (
-        1, "b-test", weights.sha256
+        1,
+        "b-test",
+        weights.sha256,
     )
     assert await h.store.policy_version() == 1
 

@@ -72,8 +72,15 @@ async def test_heartbeats_are_listed(store: RunStore) -> None:
         )
     await store.heartbeat(  # a later beat of the same instance replaces the earlier one
         events.Heartbeat(
-            run_id=store.run_id, policy_version=-1, service="reward", instance="h-1", pid=1,
-            time=101.0, busy_seconds=1.5, wait_seconds=2.0, processed=5,
+            run_id=store.run_id,
+            policy_version=-1,
+            service="reward",
+            instance="h-1",
+            pid=1,
+            time=101.0,
+            busy_seconds=1.5,
+            wait_seconds=2.0,
+            processed=5,
         )
     )
     services = await store.services()

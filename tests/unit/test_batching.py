@@ -32,7 +32,11 @@ def _group(
         for i, reward in enumerate(rewards)
     ]
     return ScoredGroup(
-        run_id="r", policy_version=version, task_id=task_id, split="train", eval_round=-1,
+        run_id="r",
+        policy_version=version,
+        task_id=task_id,
+        split="train",
+        eval_round=-1,
         samples=samples,
     )
 

@@ -44,7 +44,7 @@ def test_toml_then_overrides(toml_file: Path) -> None:
         toml_file,
         [
             "trainer.lr=1e-5",  # a float
-            "rollout.stop=[\"\\n\", \"=\"]",  # a TOML list
+            'rollout.stop=["\\n", "="]',  # a TOML list
             "buffer.filter_zero_variance=false",  # a bool
             "coordinator.eval_every=3",  # an int
             "run.name=bare-word",  # not TOML: taken as a string
@@ -81,7 +81,7 @@ def test_override_creates_nested_sections() -> None:
         ("trainer.nope=1", "Extra inputs are not permitted"),
         ("nosection.x=1", "Extra inputs are not permitted"),
         ("rollout.temperature=3", "less than or equal to 2"),
-        ("trainer.lr=\"fast\"", "valid number"),
+        ('trainer.lr="fast"', "valid number"),
     ],
 )
 def test_validation_errors(override: str, message: str) -> None:

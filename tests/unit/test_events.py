@@ -43,8 +43,13 @@ EVERY_EVENT: list[events.Event] = [
         generate_seconds=0.5,
     ),
     events.ScoredGroup(
-        run_id=RUN, policy_version=2, task_id="eval0-1", split="eval", eval_round=0,
-        samples=[_sample(0)], score_seconds=0.01,
+        run_id=RUN,
+        policy_version=2,
+        task_id="eval0-1",
+        split="eval",
+        eval_round=0,
+        samples=[_sample(0)],
+        score_seconds=0.01,
     ),
     events.Batch(
         run_id=RUN,

@@ -109,7 +109,7 @@ class TransformersEngine:
         return self._weight_version
 
     def health(self) -> bool:
-        """A one-token greedy generation succeeds; ignores the pause flag (paused is not unhealthy)."""
+        """A one-token greedy generation succeeds; ignores the pause flag (paused is healthy)."""
         probe = GenerateRequest(
             rid="health",
             input_ids=[self._eos_token_id],
