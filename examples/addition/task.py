@@ -1,15 +1,23 @@
 """The addition task: problems, a character tokenizer, a tiny Llama, a warm start and the reward.
 
-The model reads ``"123+45="`` and writes the sum **least-significant digit first**, then
-``<eos>``: 123+45 = 168 is answered ``"861"``. Written that way each answer digit depends only on
-the two operand digits at that place and the carry from the digit just written, so a 0.6M
-parameter model learns it in minutes on a CPU; written most-significant first, the first digit
-already needs every carry (Lee et al. 2023, "Teaching Arithmetic to Small Transformers",
-arXiv:2307.03381, section 4). ``label`` is the completion the model must write (``"861"``).
+The model reads ``"57+68="`` and writes the sum **least-significant digit first**, then
+``<eos>``: 57+68 = 125 is answered ``"521"``. Written that way each answer digit depends only on
+the operand digits at that place and the carry from the digit just written, so a 0.6M-parameter
+model learns it in a minute on a CPU (Lee et al. 2023, "Teaching Arithmetic to Small
+Transformers", arXiv:2307.03381, reversed output). ``label`` is the exact completion (``"521"``).
 
-Operands are uniform in ``[0, 10**digits)`` and written without leading zeros. Which split a
-pair ``(a, b)`` belongs to is a fixed function of the pair (a CRC32 of ``"a+b"``), so the train
-and held-out sets are disjoint whatever the seeds and sizes.
+Operands are uniform in ``[0, 10**digits)``, written without leading zeros. Which split a pair
+``(a, b)`` belongs to is a fixed function of the pair (CRC32 of ``"a+b"``), so train and
+held-out sets are disjoint whatever the seeds and sizes.
+
+The warm start imitates a *sloppy teacher* that forgets each carry with probability
+``carry_drop`` (0.6), so the model learns to carry but, greedily, mostly does not: it is right
+on about a third of held-out problems (those without a carry). GRPO with the exact-match reward
+then reinforces one behaviour shared by every problem with a carry, which 8 groups x 8 samples
+per step can follow: RL beats imitation of imperfect demonstrations. A warm start merely
+*stopped early* on correct labels was measured too and does not work at this budget: its errors
+are scattered, and 40 GRPO steps left held-out accuracy flat or lower at every learning rate
+tried (as do supervised AdamW steps on 8 examples at a time).
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -30,14 +38,15 @@ PAD, EOS = "<pad>", "<eos>"
 CHARACTERS = "0123456789+="
 EVAL_SHARE = 10  # one pair in EVAL_SHARE is held out
 
-# Sizes chosen so a warm start of a few hundred steps takes well under a minute on 2 CPU cores.
-MODEL_SIZES = dict(
+MODEL_CONFIG: dict[str, Any] = dict(
     hidden_size=128,
     intermediate_size=256,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=4,
     max_position_embeddings=32,
+    # ~1/sqrt(hidden). HF's default 0.02 left the warm start on a loss plateau about twice as long.
+    initializer_range=0.08,
 )
 
 
@@ -58,7 +67,7 @@ def build_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
 
 
 def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    """A freshly initialised ~0.6M-parameter Llama (tied embeddings) for ``tokenizer``."""
+    """A freshly initialised ~0.66M-parameter Llama (tied embeddings) for ``tokenizer``."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -66,14 +75,26 @@ def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCau
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=True,
-        **MODEL_SIZES,
+        **MODEL_CONFIG,
     )
     return LlamaForCausalLM(config)
 
 
-def answer(a: int, b: int) -> str:
-    """The completion for ``a+b=``: the digits of the sum, least significant first."""
-    return str(a + b)[::-1]
+def answer(a: int, b: int, carry_drop: float = 0.0, rng: random.Random | None = None) -> str:
+    """The completion for ``a+b=``: the sum's digits, least significant first.
+
+    With ``carry_drop > 0`` each carry is forgotten with that probability (the sloppy teacher).
+    """
+    digits: list[str] = []
+    carry = 0
+    while a or b or carry or not digits:
+        place = a % 10 + b % 10 + carry
+        digits.append(str(place % 10))
+        carry = place // 10
+        if carry and carry_drop and rng is not None and rng.random() < carry_drop:
+            carry = 0
+        a, b = a // 10, b // 10
+    return "".join(digits)
 
 
 def is_held_out(a: int, b: int) -> bool:
@@ -81,21 +102,22 @@ def is_held_out(a: int, b: int) -> bool:
 
 
 def make_problems(n: int, seed: int, digits: int, split: str = "train") -> list[dict[str, str]]:
-    """``n`` distinct problems ``{"prompt": "123+45=", "label": "861"}`` from ``split``."""
+    """``n`` distinct problems ``{"prompt": "57+68=", "label": "521"}`` from ``split``."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-    pool = 10 ** (2 * digits) // EVAL_SHARE * (1 if split == "eval" else EVAL_SHARE - 1)
-    if n > pool * 0.8:  # the hash split is only approximately 1 in EVAL_SHARE
-        raise ValueError(f"{n} {split} problems with {digits} digits: ask for at most {pool * 0.8:.0f}")
     rng = random.Random(f"{seed}-{split}")
     seen: set[tuple[int, int]] = set()
-    problems = []
-    while len(problems) < n:
+    problems: list[dict[str, str]] = []
+    for _ in range(20 * n + 1000):  # rejection sampling; enough draws unless the split runs out
+        if len(problems) == n:
+            break
         a, b = rng.randrange(10**digits), rng.randrange(10**digits)
         if (a, b) in seen or is_held_out(a, b) != (split == "eval"):
             continue
         seen.add((a, b))
         problems.append({"prompt": f"{a}+{b}=", "label": answer(a, b)})
+    if len(problems) < n:
+        raise ValueError(f"cannot draw {n} distinct {split} problems of {digits} digits")
     return problems
 
 
@@ -113,68 +135,89 @@ def write_splits(directory: str | Path, train: int, eval: int, seed: int, digits
 
 
 def reward(completion: str, label: str) -> float:
-    """1.0 for exactly the answer, else 0.0. Text from an ``<eos>`` on is ignored."""
+    """1.0 for exactly the answer, else 0.0. Text from an ``<eos>`` on is ignored.
+
+    Partial credit per correct digit was measured and did not help GRPO here, so there is none.
+    """
     return 1.0 if completion.split(EOS)[0].strip() == label else 0.0
 
 
 def supervised_batch(
-    tokenizer: PreTrainedTokenizerFast, problems: list[dict[str, str]]
+    tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]
 ) -> dict[str, torch.Tensor]:
-    """Right-padded inputs whose labels are the answer tokens and ``<eos>`` (prompt masked)."""
+    """Right-padded (prompt, completion) pairs; loss on the completion and ``<eos>`` only."""
     rows = []
-    for problem in problems:
-        prompt = tokenizer.encode(problem["prompt"])
-        target = tokenizer.encode(problem["label"]) + [tokenizer.eos_token_id]
-        rows.append((prompt + target, [-100] * len(prompt) + target))
+    for prompt, completion in pairs:
+        prompt_ids = tokenizer.encode(prompt)
+        target = [*tokenizer.encode(completion), tokenizer.eos_token_id]
+        rows.append((prompt_ids + target, [-100] * len(prompt_ids) + target))
     width = max(len(ids) for ids, _ in rows)
-    pad = width - torch.tensor([len(ids) for ids, _ in rows])
+    pad = tokenizer.pad_token_id
     return {
-        "input_ids": torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in rows]),
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
         "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
-        "attention_mask": (torch.arange(width)[None, :] < (width - pad)[:, None]).long(),
+        "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows]),
     }
 
 
 def warm_start(
     directory: str | Path,
-    steps: int = 300,
+    steps: int = 400,
     seed: int = 0,
-    digits: int = 3,
+    digits: int = 2,
+    carry_drop: float = 0.6,
     batch_size: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
 ) -> Path:
-    """Supervised training stopped early, so RL starts from a model that is sometimes right.
+    """Supervised imitation of the sloppy teacher; saves model and tokenizer to ``directory``.
 
-    Saves model and tokenizer to ``directory``; skipped when ``directory/DONE`` records the
-    same parameters.
+    The defaults (2 digits, 400 steps) take ~30-45 s on 2 CPU cores and give ~32% greedy accuracy.
+
+    AdamW with a warmup-stable-decay schedule (50 warmup and 50 cooldown steps): the cooldown
+    settles the model, so its greedy accuracy does not depend on where a noisy step stopped.
+    Skipped when ``directory/DONE`` records the same parameters.
     """
     directory = Path(directory)
-    parameters = dict(steps=steps, seed=seed, digits=digits, batch_size=batch_size, lr=lr,
-                      model=MODEL_SIZES, characters=CHARACTERS, format="reversed-v1")
+    parameters = dict(
+        steps=steps,
+        seed=seed,
+        digits=digits,
+        carry_drop=carry_drop,
+        batch_size=batch_size,
+        lr=lr,
+        model=MODEL_CONFIG,
+        format="reversed-v2",
+    )
     digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()
     done = directory / "DONE"
     if done.is_file() and done.read_text().strip() == digest:
         return directory
 
-    started = time.perf_counter()
     tokenizer = build_tokenizer(directory)
     model = make_model(tokenizer, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    problems = make_problems(min(steps * batch_size // 4, 10 ** (2 * digits) // 2), seed, digits)
+    ramp = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / ramp, (steps - step) / ramp)
+    )
+    pool_size = min(steps * batch_size // 4 + batch_size, 10 ** (2 * digits) // 2)
+    problems = make_problems(pool_size, seed, digits)
     rng = random.Random(seed)
     model.train()
-    for step in range(steps):
-        loss = model(**supervised_batch(tokenizer, rng.sample(problems, batch_size))).loss
+    for _ in range(steps):
+        pairs = []
+        for problem in rng.sample(problems, batch_size):
+            a, b = map(int, problem["prompt"][:-1].split("+"))
+            pairs.append((problem["prompt"], answer(a, b, carry_drop, rng)))
+        loss = model(**supervised_batch(tokenizer, pairs)).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
     model.eval()
     model.save_pretrained(str(directory))  # safetensors
-    (directory / "warm_start.json").write_text(
-        json.dumps({**parameters, "final_loss": loss.item(),
-                    "seconds": time.perf_counter() - started}, indent=2)
-    )
+    (directory / "warm_start.json").write_text(json.dumps({**parameters, "loss": loss.item()}))
     done.write_text(digest + "\n")
     return directory
 
@@ -196,9 +239,8 @@ def complete(
         eos_token_id=tokenizer.eos_token_id,
         **{"do_sample": False, **sampling},
     )
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=False)
-    return [text.split(EOS)[0].replace(PAD, "") for text in texts]
+    texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :])
+    return [text.split(EOS)[0] for text in texts]
 
 
 def greedy_accuracy(
@@ -210,7 +252,8 @@ def greedy_accuracy(
     """Share of ``problems`` whose greedy completion earns reward 1."""
     correct = 0.0
     for start in range(0, len(problems), batch_size):
-        chunk = problems[start:start + batch_size]
-        texts = complete(model, tokenizer, [p["prompt"] for p in chunk])
-        correct += sum(reward(text, p["label"]) for text, p in zip(texts, chunk))
+        chunk = problems[start : start + batch_size]
+        texts = complete(model, tokenizer, [problem["prompt"] for problem in chunk])
+        labels = [problem["label"] for problem in chunk]
+        correct += sum(reward(text, label) for text, label in zip(texts, labels, strict=True))
     return correct / len(problems)

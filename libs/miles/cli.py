@@ -84,9 +84,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 def resolve_config(
     recipe_config: MilesConfig, path: Path | None, overrides: list[str]
 ) -> MilesConfig:
-    if path is not None and path.suffix == ".json":
-        return load_config(MilesConfig.model_validate_json(path.read_text()), None, overrides)
-    config = load_config(recipe_config, path, overrides)
+    if path is not None and path.suffix == ".json":  # a resolved config, as `miles run` saves
+        config = load_config(MilesConfig.model_validate_json(path.read_text()), None, overrides)
+    else:
+        config = load_config(recipe_config, path, overrides)
     infra = config.infra
     infra.nats_url = infra.nats_url or os.environ.get("NATS_URL")
     infra.redis_url = infra.redis_url or os.environ.get("REDIS_URL")

@@ -13,7 +13,7 @@ from miles.service import ServiceContext
 @dataclass
 class EvalRound:
     round: int
-    expected: int
+    task_ids: set[str]
     rewards: dict[str, float] = field(default_factory=dict)
     correct: dict[str, bool] = field(default_factory=dict)
     versions: set[int] = field(default_factory=set)
@@ -21,16 +21,21 @@ class EvalRound:
 
     @property
     def complete(self) -> bool:
-        return len(self.rewards) >= self.expected
+        return len(self.rewards) >= len(self.task_ids)
 
 
 async def dispatch_eval(ctx: ServiceContext, round_: int, prompts: list[Prompt]) -> EvalRound:
-    """Publish one greedy task per held-out prompt, asking for at least version ``round_``."""
+    """Publish one greedy task per held-out prompt, asking for at least version ``round_``.
+
+    Task ids carry this coordinator's instance, so a restarted coordinator's round is not
+    swallowed by the dedupe window as a repeat of the round its predecessor started.
+    """
+    task_ids = set()
     for index, prompt in enumerate(prompts):
         task = events.Task(
             run_id=ctx.run_id,
             policy_version=round_,
-            task_id=f"eval{round_}-{index}",
+            task_id=f"eval{round_}-{index}-{ctx.instance}",
             prompt=prompt.prompt,
             label=prompt.label,
             split="eval",
@@ -39,15 +44,16 @@ async def dispatch_eval(ctx: ServiceContext, round_: int, prompts: list[Prompt])
             eval_round=round_,
         )
         await ctx.bus.publish(ctx.subjects.tasks, task, msg_id=task.task_id)
-    return EvalRound(round_, expected=len(prompts))
+        task_ids.add(task.task_id)
+    return EvalRound(round_, task_ids)
 
 
 def record_result(
     rounds: dict[int, EvalRound], group: events.ScoredGroup, threshold: float
 ) -> None:
     current = rounds.get(group.eval_round)
-    if current is None:  # a round from before a coordinator restart: it is re-run
-        return
+    if current is None or group.task_id not in current.task_ids:
+        return  # a round a previous coordinator started: this one re-runs it
     sample = group.samples[0]
     current.rewards[group.task_id] = sample.reward
     current.correct[group.task_id] = not sample.failed and sample.reward >= threshold

@@ -28,7 +28,7 @@ def run_demo(tmp_path: Path, name: str, *overrides: str) -> dict:
         "--set", f"run.output_dir='{tmp_path}'", *overrides,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "RAY_ADDRESS")}
-    env["MILES_WARM_START_CACHE"] = str(cache / "cache")
+    env["MILES_CACHE_DIR"] = str(cache / "cache")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((tmp_path / name / "summary.json").read_text())

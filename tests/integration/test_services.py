@@ -353,10 +353,11 @@ async def test_coordinator_paces_dispatch_by_staleness_gate(
         first = await h.collect(tasks, events.Task, 4)
         await h.nothing_more(tasks, 1.0)  # the gate: (0 + 0 + 1) * 2 train groups at version 0
         evals = [t for t in first if t.split == "eval"]
-        assert [(t.task_id, t.greedy, t.eval_round, t.group_size) for t in evals] == [
-            ("eval0-0", True, 0, 1),
-            ("eval0-1", True, 0, 1),
+        assert [(t.prompt, t.greedy, t.eval_round, t.group_size) for t in evals] == [
+            ("2+2=", True, 0, 1),
+            ("3+3=", True, 0, 1),
         ]
+        assert [t.task_id.split("-")[:2] for t in evals] == [["eval0", "0"], ["eval0", "1"]]
         trains = [t for t in first if t.split == "train"]
         assert [(t.task_id, t.prompt, t.policy_version, t.group_size) for t in trains] == [
             ("t0", "0+1=", 0, 4),
