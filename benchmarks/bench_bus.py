@@ -24,12 +24,25 @@ GROUPS = 2000
 
 def make_group(run_id: str, index: int) -> events.GeneratedGroup:
     sample = events.Sample(
-        sample_id=f"t{index}/0", prompt="123+456=", label="975", prompt_ids=list(range(8)),
-        response_ids=list(range(4)), response_logprobs=[-0.1] * 4, response_text="975",
-        finish_reason="stop", policy_version_first=0, policy_version_last=0,
+        sample_id=f"t{index}/0",
+        prompt="123+456=",
+        label="975",
+        prompt_ids=list(range(8)),
+        response_ids=list(range(4)),
+        response_logprobs=[-0.1] * 4,
+        response_text="975",
+        finish_reason="stop",
+        policy_version_first=0,
+        policy_version_last=0,
     )
-    return events.GeneratedGroup(run_id=run_id, policy_version=0, task_id=f"t{index}",
-                                 split="train", eval_round=-1, samples=[sample] * 8)
+    return events.GeneratedGroup(
+        run_id=run_id,
+        policy_version=0,
+        task_id=f"t{index}",
+        split="train",
+        eval_round=-1,
+        samples=[sample] * 8,
+    )
 
 
 async def jetstream_round_trip(bus: Bus, groups: list[events.GeneratedGroup]) -> float:

@@ -27,7 +27,9 @@ from miles.config import (
 )
 
 DIGITS = 2
-CACHE = Path(os.environ.get("MILES_CACHE_DIR", Path(__file__).resolve().parents[2] / "runs" / "cache"))
+CACHE = Path(
+    os.environ.get("MILES_CACHE_DIR", Path(__file__).resolve().parents[2] / "runs" / "cache")
+)
 
 config = miles.MilesConfig(
     run=RunConfig(name="addition", seed=0, steps=40),
@@ -45,8 +47,9 @@ config = miles.MilesConfig(
 @miles.setup
 def prepare(config: miles.MilesConfig) -> miles.MilesConfig:
     cache = CACHE / f"addition-d{DIGITS}-s{config.run.seed}"
-    task.write_splits(cache, train=5_000, eval=config.data.eval_size, seed=config.run.seed,
-                      digits=DIGITS)
+    task.write_splits(
+        cache, train=5_000, eval=config.data.eval_size, seed=config.run.seed, digits=DIGITS
+    )
     model_dir = task.warm_start(cache / "warm-start", seed=config.run.seed, digits=DIGITS)
     config.model.path = Path(model_dir).resolve()
     config.data.train_path = (cache / "train.jsonl").resolve()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import urlparse
 
 import msgspec
 import nats
@@ -106,8 +108,15 @@ def topology(subjects: Subjects) -> tuple[list[StreamSpec], list[ConsumerSpec]]:
 
 
 async def connect_nats(url: str, timeout: float, name: str) -> NATS:
-    """Connect, or raise ``Unreachable`` with one line saying what to set."""
+    """Connect, or raise ``Unreachable`` with one line saying what to set.
+
+    nats-py retries the first connection as long as ``max_reconnect_attempts`` allows (forever
+    here, so a running service rides out a NATS restart), so a plain TCP probe comes first.
+    """
+    address = urlparse(url)
     try:
+        probe = socket.create_connection((address.hostname, address.port or 4222), timeout)
+        probe.close()
         return await nats.connect(
             url,
             name=name,

@@ -23,9 +23,21 @@ MARGIN = 0.10  # accuracy points GRPO must add within STEPS steps
 def run_demo(tmp_path: Path, name: str, *overrides: str) -> dict:
     cache = ROOT / "runs"  # the warm start is cached there and shared with `make demo`
     command = [
-        sys.executable, "-m", "miles.cli", "run", str(RECIPE), "--quiet", "--run-id", name,
-        "--set", f"run.steps={STEPS}", "--set", f"coordinator.eval_every={STEPS}",
-        "--set", f"run.output_dir='{tmp_path}'", *overrides,
+        sys.executable,
+        "-m",
+        "miles.cli",
+        "run",
+        str(RECIPE),
+        "--quiet",
+        "--run-id",
+        name,
+        "--set",
+        f"run.steps={STEPS}",
+        "--set",
+        f"coordinator.eval_every={STEPS}",
+        "--set",
+        f"run.output_dir='{tmp_path}'",
+        *overrides,
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "RAY_ADDRESS")}
     env["MILES_CACHE_DIR"] = str(cache / "cache")

@@ -18,13 +18,15 @@ BuildTinyModel = Callable[..., Path]
 
 
 def build_tiny_model(directory: Path, tie_word_embeddings: bool = True, seed: int = 0) -> Path:
-    word_level = models.WordLevel({token: index for index, token in enumerate(VOCAB)}, unk_token="<pad>")
+    word_level = models.WordLevel(
+        {token: index for index, token in enumerate(VOCAB)}, unk_token="<pad>"
+    )
     tokenizer = Tokenizer(word_level)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>").save_pretrained(
-        directory
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<pad>"
+    ).save_pretrained(directory)
     config = LlamaConfig(
         vocab_size=len(VOCAB),
         hidden_size=32,

@@ -34,8 +34,10 @@ def make_request(rid: str, input_ids: list[int], **params: object) -> GenerateRe
 
 
 @torch.inference_mode()
-def full_forward_logits(model: PreTrainedModel, prompt: list[int], output_ids: list[int]) -> torch.Tensor:
-    """Next-token logits for each output position, from one unpadded forward pass without a cache."""
+def full_forward_logits(
+    model: PreTrainedModel, prompt: list[int], output_ids: list[int]
+) -> torch.Tensor:
+    """Next-token logits per output position, from one unpadded forward pass without a cache."""
     logits = model(input_ids=torch.tensor([prompt + output_ids])).logits[0]
     return logits[len(prompt) - 1 : -1]
 
@@ -58,20 +60,27 @@ def test_logprobs_equal_full_forward_recomputation(
 ) -> None:
     requests = [
         make_request("plain", encode(PROMPTS[0]), max_new_tokens=10, sampling_seed=0),
-        make_request("filtered", encode(PROMPTS[1]), max_new_tokens=7, temperature=0.7, top_p=0.8, top_k=5),
+        make_request(
+            "filtered", encode(PROMPTS[1]), max_new_tokens=7, temperature=0.7, top_p=0.8, top_k=5
+        ),
         make_request("short", encode(PROMPTS[2]), max_new_tokens=3, sampling_seed=2),
         make_request("greedy", encode(PROMPTS[3]), max_new_tokens=12, temperature=0.0),
     ]
     outputs = engine.generate(requests)
     for request, output in zip(requests, outputs, strict=True):
         logits = full_forward_logits(reference_model, request.input_ids, output.output_ids)
-        expected = logits.log_softmax(-1).gather(-1, torch.tensor(output.output_ids)[:, None]).squeeze(-1)
+        expected = (
+            logits.log_softmax(-1).gather(-1, torch.tensor(output.output_ids)[:, None]).squeeze(-1)
+        )
         assert output.output_token_logprobs == pytest.approx(expected.tolist(), abs=1e-4)
 
 
-def test_greedy_follows_argmax(engine: TransformersEngine, reference_model: PreTrainedModel, encode) -> None:
+def test_greedy_follows_argmax(
+    engine: TransformersEngine, reference_model: PreTrainedModel, encode
+) -> None:
     requests = [
-        make_request(str(i), encode(p), max_new_tokens=10, temperature=0.0) for i, p in enumerate(PROMPTS)
+        make_request(str(i), encode(p), max_new_tokens=10, temperature=0.0)
+        for i, p in enumerate(PROMPTS)
     ]
     for request, output in zip(requests, engine.generate(requests), strict=True):
         logits = full_forward_logits(reference_model, request.input_ids, output.output_ids)
@@ -80,12 +89,15 @@ def test_greedy_follows_argmax(engine: TransformersEngine, reference_model: PreT
 
 def test_max_new_tokens_and_output_metadata(engine: TransformersEngine, encode) -> None:
     requests = [
-        make_request(f"r{n}", encode(PROMPTS[1]), max_new_tokens=n, sampling_seed=n) for n in (1, 5, 9)
+        make_request(f"r{n}", encode(PROMPTS[1]), max_new_tokens=n, sampling_seed=n)
+        for n in (1, 5, 9)
     ]
     outputs = engine.generate(requests)
     assert [output.rid for output in outputs] == ["r1", "r5", "r9"]
     for n, output in zip((1, 5, 9), outputs, strict=True):
-        assert len(output.output_ids) == len(output.output_token_logprobs) == output.completion_tokens
+        assert (
+            len(output.output_ids) == len(output.output_token_logprobs) == output.completion_tokens
+        )
         assert output.prompt_tokens == len(encode(PROMPTS[1]))
         assert output.weight_version == 1
         if output.finish_reason == "length":
@@ -112,7 +124,9 @@ def test_stop_string_ends_generation_and_is_kept(engine: TransformersEngine, enc
     (free,) = engine.generate([make_request("free", encode("12+34="), **params)])
     assert len(free.text) == len(free.output_ids) >= 6  # one char per token, no <eos>
     stop = free.text[3:5]
-    (stopped,) = engine.generate([make_request("stop", encode("12+34="), stop=["zzz", stop], **params)])
+    (stopped,) = engine.generate(
+        [make_request("stop", encode("12+34="), stop=["zzz", stop], **params)]
+    )
     end = free.text.index(stop) + len(stop)
     assert stopped.text == free.text[:end]
     assert stopped.output_ids == free.output_ids[:end]
@@ -126,7 +140,9 @@ def test_eos_always_stops_and_is_not_in_text(build_model, tmp_path: Path, encode
     state["model.norm.weight"] = torch.zeros_like(state["model.norm.weight"])
     save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
     engine = TransformersEngine(str(model_dir))
-    (output,) = engine.generate([make_request("eos", encode("1+1="), max_new_tokens=8, temperature=0.0)])
+    (output,) = engine.generate(
+        [make_request("eos", encode("1+1="), max_new_tokens=8, temperature=0.0)]
+    )
     assert output.output_ids == [0]
     assert output.finish_reason == "stop"
     assert output.text == ""
@@ -140,7 +156,8 @@ def test_update_weights_from_disk_matches_fresh_engine(
     engine = TransformersEngine(str(base_dir))
     model_before = engine._model
     requests = [
-        make_request(str(i), encode(p), max_new_tokens=8, sampling_seed=i) for i, p in enumerate(PROMPTS)
+        make_request(str(i), encode(p), max_new_tokens=8, sampling_seed=i)
+        for i, p in enumerate(PROMPTS)
     ]
     before = engine.generate(requests)
 
@@ -180,7 +197,9 @@ def test_update_weights_rejects_a_mismatched_file(build_model, tmp_path: Path) -
     ):
         engine.update_weights_from_disk(str(bad_dir), weight_version=2)
     assert engine.weight_version() == 0
-    assert torch.equal(engine._model.model.norm.weight, state["model.extra.weight"])  # nothing copied
+    assert torch.equal(
+        engine._model.model.norm.weight, state["model.extra.weight"]
+    )  # nothing copied
 
 
 def test_paused_engine_raises_until_continued(tiny_model_dir: Path, encode) -> None:

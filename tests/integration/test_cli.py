@@ -1,0 +1,86 @@
+"""The command line: complete help, and one clear line (not a traceback) when NATS or Redis is
+missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from miles import embedded
+
+pytestmark = pytest.mark.integration
+RECIPE = Path(__file__).parents[2] / "examples" / "addition" / "recipe.py"
+
+
+def miles(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "miles.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | (env or {}),
+    )
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["serve"], ["status"]])
+def test_help_is_complete(command: list[str]) -> None:
+    result = miles(*command, "--help")
+    assert result.returncode == 0
+    assert "usage: miles" in result.stdout
+    for word in {
+        (): ["run", "serve", "status", "NATS_URL"],
+        ("run",): ["--set", "--config"],
+        ("serve",): ["coordinator", "--run-id", "--recipe"],
+        ("status",): ["--redis-url", "--json"],
+    }[tuple(command)]:
+        assert word in result.stdout
+
+
+@pytest.mark.parametrize("missing", ["NATS_URL", "REDIS_URL"])
+def test_unreachable_server_gives_one_clear_line(
+    missing: str, redis_server: embedded.Server, nats_server: embedded.Server
+) -> None:
+    closed = f"{'nats' if missing == 'NATS_URL' else 'redis'}://127.0.0.1:{embedded.free_port()}"
+    env = {"NATS_URL": nats_server.url, "REDIS_URL": redis_server.url, missing: closed}
+    result = miles(
+        "serve",
+        "reward",
+        "--recipe",
+        str(RECIPE),
+        "--run-id",
+        "cli-test",
+        "--set",
+        "infra.connect_timeout_seconds=1",
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("miles: cannot reach") and missing in line
+
+
+def test_status_reads_the_run_record(redis_server: embedded.Server) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.hset(
+        "miles:run:cli-status",
+        mapping={
+            "run_id": "cli-status",
+            "status": "running",
+            "step": 3,
+            "policy_version": 3,
+            "started": 0,
+            "reward_mean": 0.5,
+        },
+    )
+    client.zadd("miles:runs", {"cli-status": 1})
+    result = miles("status", "cli-status", "--json", env={"REDIS_URL": redis_server.url})
+    assert result.returncode == 0, result.stderr
+    assert '"steps": 3' in result.stdout
+    missing = miles("status", "no-such-run", env={"REDIS_URL": redis_server.url})
+    assert missing.returncode == 1 and "no run 'no-such-run'" in missing.stdout
