@@ -36,7 +36,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     address = raycluster.start_local(run_dir, num_cpus=4)
     yield address
     ray.shutdown()
-    shutil.rmtree(raycluster.ray_temp_dir(run_dir), ignore_errors=True)
+    link = raycluster.ray_temp_dir(run_dir)
+    if link.is_symlink():
+        link.unlink()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture

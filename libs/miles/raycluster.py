@@ -17,13 +17,20 @@ log = logging.getLogger(__name__)
 
 
 def ray_temp_dir(run_dir: Path) -> Path:
-    candidate = (run_dir / "ray").resolve()
-    if len(str(candidate)) > 40:  # Ray appends session_<date>_<pid>/sockets/plasma_store
-        digest = hashlib.sha256(str(candidate).encode()).hexdigest()[:10]
-        candidate = Path(f"/tmp/miles-ray-{digest}")
-        (run_dir / "ray-tmp-dir.txt").write_text(f"{candidate}\n")
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
+    """``<run_dir>/ray``, reached through a short symlink when its path is too long.
+
+    Ray appends ``session_<date>_<pid>/sockets/plasma_store`` (~70 bytes); a Unix socket path
+    must stay under 108 bytes. The files still live in the run directory.
+    """
+    target = (run_dir / "ray").resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    if len(str(target)) <= 36:
+        return target
+    digest = hashlib.sha256(str(target).encode()).hexdigest()[:10]
+    link = Path(f"/tmp/miles-ray-{digest}")
+    if not link.is_symlink():
+        link.symlink_to(target, target_is_directory=True)
+    return link
 
 
 def start_local(run_dir: Path, num_cpus: int | None = None) -> str:
