@@ -50,6 +50,21 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float, n
     raise TimeoutError(f"{name} did not listen on port {port} within {timeout}s")
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds (at once when ``timeout`` is 0)."""
+    if process.poll() is not None:
+        return
+    if timeout > 0:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    process.kill()
+    process.wait()
+
+
 @dataclass
 class Server:
     name: str
@@ -59,16 +74,7 @@ class Server:
     args: list[str] = field(default_factory=list)
 
     def stop(self, kill: bool = False) -> None:
-        if self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=0 if kill else 10)
 
     def restart(self) -> None:
         """Start again with the same arguments, store and port (chaos tests use this)."""

@@ -52,13 +52,8 @@ class Child:
         )
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            embedded.stop_process(self.process, timeout=15)
         for handle in self.log_handles:
             handle.close()  # type: ignore[attr-defined]
 
