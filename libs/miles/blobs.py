@@ -34,7 +34,10 @@ class ChecksumMismatch(ValueError):
 
 class BlobStore(Protocol):
     async def put_dir(self, local_dir: Path, name: str) -> str:
-        """Store every file of ``local_dir`` under ``name``; return the URI."""
+        """Store every file of ``local_dir`` under ``name`` and return the URI.
+
+        ``local_dir`` is consumed: a directory store moves it into place instead of copying.
+        """
         ...
 
     async def get_dir(self, uri: str, sha256: str) -> Path:
@@ -51,13 +54,12 @@ class DirBlobStore:
 
     async def put_dir(self, local_dir: Path, name: str) -> str:
         final = self.root / name
-        if local_dir.resolve() != final:
-            staging = self.root / f".{name.replace('/', '_')}.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(local_dir, staging)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)  # readers see the whole directory or none of it
+        staging = self.root / f".{name.replace('/', '_')}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.move(local_dir, staging)  # a rename on one filesystem, a copy across two
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)  # readers see the whole directory or none of it
         return final.as_uri()
 
     async def get_dir(self, uri: str, sha256: str) -> Path:
@@ -86,10 +88,12 @@ class ObjectBlobStore:
 
     async def put_dir(self, local_dir: Path, name: str) -> str:
         store = await self._store()
-        for path in sorted(local_dir.iterdir()):
+        files = sorted(local_dir.iterdir())
+        for path in files:
             with path.open("rb") as handle:
                 await store.put(f"{name}/{path.name}", handle)
-        await store.put(f"{name}/FILES", "\n".join(p.name for p in sorted(local_dir.iterdir())))
+        await store.put(f"{name}/FILES", "\n".join(path.name for path in files))
+        shutil.rmtree(local_dir)
         return f"nats-os://{self.bucket}/{name}"
 
     async def get_dir(self, uri: str, sha256: str) -> Path:

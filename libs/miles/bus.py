@@ -79,7 +79,6 @@ class ConsumerSpec:
     durable: str
     ack_wait: float
     max_ack_pending: int
-    filter_subjects: tuple[str, ...] = ()
 
 
 def topology(subjects: Subjects) -> tuple[list[StreamSpec], list[ConsumerSpec]]:
@@ -250,16 +249,6 @@ class Bus:
         await self.js.publish(self.subjects.dead(self.service), msgspec.msgpack.encode(record))
         if self.on_dead_letter is not None:
             await self.on_dead_letter(reason)
-
-    async def latest(self, subject: str, expected: type[events.Event]) -> events.Event | None:
-        """The last message on a subject of a LIMITS stream, or None."""
-        stream = await self.js.find_stream_name_by_subject(subject)
-        try:
-            raw = await self.js.get_last_msg(stream, subject)
-        except nats.js.errors.NotFoundError:
-            return None
-        assert raw.data is not None
-        return events.decode(raw.data, expected, self.run_id)
 
     async def subscribe_latest(self, subject: str) -> JetStreamContext.PushSubscription:
         """An ordered consumer starting at the last message: every replica sees every update."""

@@ -154,7 +154,7 @@ def supervise(
                 if child is coordinator and code == 0:
                     wait_for_exit(children[1:], timeout=30)
                     live.update(RunView.read(client, run_id))
-                    return client.hget(f"miles:run:{run_id}", "status") == "finished", peak
+                    return RunView.read(client, run_id).run.get("status") == "finished", peak
                 if time.monotonic() >= child.next_start:
                     child.restarts += 1
                     live.log(

@@ -21,7 +21,7 @@ class LiveView:
         self.console = Console()
         self.interactive = self.console.is_terminal and not quiet
         self.live = Live(console=self.console, refresh_per_second=2) if self.interactive else None
-        self.last_step = -1
+        self.last_step = 0
         self.last_eval = 0
 
     def __enter__(self) -> LiveView:
@@ -52,8 +52,8 @@ class LiveView:
                 flush=True,
             )
         self.last_eval = len(view.evals)
-        if view.steps and view.step != self.last_step:
-            for record in view.steps[self.last_step if self.last_step > 0 else 0 :]:
+        if view.step != self.last_step:
+            for record in view.steps[self.last_step :]:
                 seconds = " ".join(f"{k}={v:.2f}s" for k, v in record["seconds"].items())
                 print(
                     f"step {record['step']}/{self.steps} reward {record['reward_mean']:.3f} "

@@ -24,6 +24,7 @@ from miles.bus import Bus, connect_nats
 from miles.config import MilesConfig
 from miles.recipe import Recipe
 from miles.store import RunStore, connect_redis
+from miles.subjects import Subjects
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ServiceContext:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
-    def subjects(self):  # type: ignore[no-untyped-def]
+    def subjects(self) -> Subjects:
         return self.bus.subjects
 
     def heartbeat(self) -> events.Heartbeat:
@@ -92,10 +93,9 @@ class ServiceContext:
                 self.subjects.heartbeat(self.service, self.instance), events.encode(beat)
             )
             await self.store.heartbeat(beat)  # `miles status` works even without a coordinator
-            if await self.store.status() in ("finished", "failed"):
-                log.info(
-                    "run %s is %s; %s stops", self.run_id, await self.store.status(), self.service
-                )
+            status = await self.store.status()
+            if status in ("finished", "failed"):
+                log.info("run %s is %s; %s stops", self.run_id, status, self.service)
                 self.stopping.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=period)

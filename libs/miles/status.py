@@ -9,12 +9,13 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from miles.store import RUNS_KEY
 from miles.summary import RunView
 
 
 def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
     console = Console()
-    runs: list[str] = list(client.zrange("miles:runs", 0, -1))  # type: ignore[arg-type]
+    runs: list[str] = list(client.zrange(RUNS_KEY, 0, -1))  # type: ignore[arg-type]
     if run_id is None:
         if not runs:
             console.print("no runs recorded in this Redis")
@@ -29,9 +30,8 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
         return 0
     table = Table(title=f"run {run_id} ({view.run.get('status')})", show_header=False)
     accuracy = view.accuracy()
-    config = json.loads(client.get(f"miles:run:{run_id}:config") or "{}")  # type: ignore[arg-type]
     rows = {
-        "step": f"{view.step} / {config.get('run', {}).get('steps', '?')}",
+        "step": f"{view.step} / {view.config.get('run', {}).get('steps', '?')}",
         "policy version": view.run.get("policy_version", "0"),
         "reward mean (last step)": f"{float(view.run.get('reward_mean', 'nan')):.3f}",
         "held-out accuracy": "-" if accuracy is None else f"{accuracy:.3f}",

@@ -26,6 +26,22 @@ import redis.exceptions
 from miles.bus import Unreachable
 from miles.events import Heartbeat
 
+RUNS_KEY = "miles:runs"
+
+
+class RunKeys:
+    """The key layout above, spelled once for the async store and the sync readers."""
+
+    def __init__(self, run_id: str) -> None:
+        self.record = f"miles:run:{run_id}"
+        self.config = f"{self.record}:config"
+        self.steps = f"{self.record}:steps"
+        self.evals = f"{self.record}:evals"
+        self.trained = f"{self.record}:trained"
+        self.services = f"{self.record}:services"
+        self.dead = f"{self.record}:dead"
+        self.filtered = f"{self.record}:filtered"
+
 
 async def connect_redis(url: str, timeout: float) -> aioredis.Redis:
     client = aioredis.Redis.from_url(url, socket_connect_timeout=timeout, decode_responses=True)
@@ -44,15 +60,15 @@ class RunStore:
     def __init__(self, client: aioredis.Redis, run_id: str) -> None:
         self.redis = client
         self.run_id = run_id
-        self.key = f"miles:run:{run_id}"
+        self.keys = RunKeys(run_id)
 
     async def create_run(self, config_hash: str, config_json: str) -> bool:
         """Record a new run; False when it exists already (a restarted coordinator)."""
         now = time.time()
-        created = await self.redis.hsetnx(self.key, "config_hash", config_hash)
+        created = await self.redis.hsetnx(self.keys.record, "config_hash", config_hash)
         if created:
             await self.redis.hset(
-                self.key,
+                self.keys.record,
                 mapping={
                     "run_id": self.run_id,
                     "status": "running",
@@ -61,10 +77,10 @@ class RunStore:
                     "policy_version": 0,
                 },
             )
-            await self.redis.set(f"{self.key}:config", config_json)
-            await self.redis.zadd("miles:runs", {self.run_id: now})
+            await self.redis.set(self.keys.config, config_json)
+            await self.redis.zadd(RUNS_KEY, {self.run_id: now})
         else:
-            existing = await self.redis.hget(self.key, "config_hash")
+            existing = await self.redis.hget(self.keys.record, "config_hash")
             if existing != config_hash:
                 raise ValueError(
                     f"run {self.run_id} exists with config {existing}, not {config_hash}"
@@ -72,16 +88,16 @@ class RunStore:
         return bool(created)
 
     async def run(self) -> dict[str, str]:
-        return await self.redis.hgetall(self.key)
+        return await self.redis.hgetall(self.keys.record)
 
     async def update(self, **fields: Any) -> None:
-        await self.redis.hset(self.key, mapping={k: _scalar(v) for k, v in fields.items()})
+        await self.redis.hset(self.keys.record, mapping={k: _scalar(v) for k, v in fields.items()})
 
     async def status(self) -> str | None:
-        return await self.redis.hget(self.key, "status")
+        return await self.redis.hget(self.keys.record, "status")
 
     async def policy_version(self) -> int:
-        return int(await self.redis.hget(self.key, "policy_version") or 0)
+        return int(await self.redis.hget(self.keys.record, "policy_version") or 0)
 
     async def commit_step(self, step: int, record: dict[str, Any], batch_id: str) -> bool:
         """Append the step record, mark its batch trained and move the version, atomically.
@@ -89,54 +105,48 @@ class RunStore:
         Returns False when the batch was trained already (a redelivery); nothing changes then.
         """
         async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(f"{self.key}:trained")
-            if await pipe.sismember(f"{self.key}:trained", batch_id):
+            await pipe.watch(self.keys.trained)
+            if await pipe.sismember(self.keys.trained, batch_id):
                 return False
             pipe.multi()
-            pipe.sadd(f"{self.key}:trained", batch_id)
-            pipe.rpush(f"{self.key}:steps", json.dumps(record))
-            pipe.hset(self.key, mapping={"step": step, "policy_version": step})
+            pipe.sadd(self.keys.trained, batch_id)
+            pipe.rpush(self.keys.steps, json.dumps(record))
+            pipe.hset(self.keys.record, mapping={"step": step, "policy_version": step})
             await pipe.execute()
         return True
 
     async def trained(self, batch_id: str) -> bool:
-        return bool(await self.redis.sismember(f"{self.key}:trained", batch_id))
+        return bool(await self.redis.sismember(self.keys.trained, batch_id))
 
     async def steps(self) -> list[dict[str, Any]]:
-        return [json.loads(row) for row in await self.redis.lrange(f"{self.key}:steps", 0, -1)]
+        return [json.loads(row) for row in await self.redis.lrange(self.keys.steps, 0, -1)]
 
     async def add_eval(self, record: dict[str, Any]) -> None:
-        await self.redis.rpush(f"{self.key}:evals", json.dumps(record))
-
-    async def evals(self) -> list[dict[str, Any]]:
-        return [json.loads(row) for row in await self.redis.lrange(f"{self.key}:evals", 0, -1)]
+        await self.redis.rpush(self.keys.evals, json.dumps(record))
 
     async def heartbeat(self, beat: Heartbeat) -> None:
         key = f"{beat.service}/{beat.instance}"
-        await self.redis.hset(f"{self.key}:services", key, msgspec.json.encode(beat).decode())
+        await self.redis.hset(self.keys.services, key, msgspec.json.encode(beat).decode())
 
     async def services(self) -> dict[str, dict[str, Any]]:
-        rows = await self.redis.hgetall(f"{self.key}:services")
+        rows = await self.redis.hgetall(self.keys.services)
         return {key: json.loads(value) for key, value in rows.items()}
 
     async def count_dead_letter(self, reason: str) -> None:
-        await self.redis.hincrby(f"{self.key}:dead", reason, 1)
+        await self.redis.hincrby(self.keys.dead, reason, 1)
 
     async def dead_letters(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.redis.hgetall(f"{self.key}:dead")).items()}
+        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.dead)).items()}
 
     async def count_filtered(self, reason: str) -> None:
-        await self.redis.hincrby(f"{self.key}:filtered", reason, 1)
+        await self.redis.hincrby(self.keys.filtered, reason, 1)
 
     async def filtered(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.redis.hgetall(f"{self.key}:filtered")).items()}
-
-    async def incr(self, field: str, amount: float = 1) -> None:
-        await self.redis.hincrbyfloat(self.key, field, amount)
+        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.filtered)).items()}
 
 
 async def list_runs(client: aioredis.Redis) -> list[str]:
-    return list(await client.zrange("miles:runs", 0, -1))
+    return list(await client.zrange(RUNS_KEY, 0, -1))
 
 
 def _scalar(value: Any) -> str | int | float:

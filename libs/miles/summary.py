@@ -10,10 +10,13 @@ from typing import Any
 
 import redis
 
+from miles.store import RunKeys
+
 
 @dataclass
 class RunView:
     run: dict[str, str]
+    config: dict[str, Any]
     steps: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     services: dict[str, dict[str, Any]]
@@ -22,22 +25,22 @@ class RunView:
 
     @classmethod
     def read(cls, client: redis.Redis, run_id: str) -> RunView:
-        key = f"miles:run:{run_id}"
+        keys = RunKeys(run_id)
 
-        def rows(suffix: str) -> list[dict[str, Any]]:
-            return [json.loads(r) for r in client.lrange(f"{key}:{suffix}", 0, -1)]  # type: ignore[union-attr]
+        def rows(key: str) -> list[dict[str, Any]]:
+            return [json.loads(row) for row in client.lrange(key, 0, -1)]
 
-        def counts(suffix: str) -> dict[str, int]:
-            return {k: int(v) for k, v in client.hgetall(f"{key}:{suffix}").items()}  # type: ignore[union-attr]
+        def counts(key: str) -> dict[str, int]:
+            return {name: int(count) for name, count in client.hgetall(key).items()}
 
-        services = {k: json.loads(v) for k, v in client.hgetall(f"{key}:services").items()}  # type: ignore[union-attr]
         return cls(
-            client.hgetall(key),
-            rows("steps"),
-            rows("evals"),
-            services,  # type: ignore[arg-type]
-            counts("dead"),
-            counts("filtered"),
+            run=client.hgetall(keys.record),
+            config=json.loads(client.get(keys.config) or "{}"),
+            steps=rows(keys.steps),
+            evals=rows(keys.evals),
+            services={k: json.loads(v) for k, v in client.hgetall(keys.services).items()},
+            dead_letters=counts(keys.dead),
+            filtered=counts(keys.filtered),
         )
 
     @property

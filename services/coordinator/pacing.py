@@ -51,9 +51,8 @@ class Pacer:
         bound = in_flight + self.ctx.config.coordinator.max_groups_in_flight
         return min(gate, bound)
 
-    async def dispatch(self) -> int:
-        """Publish the tasks the bounds allow now; return how many."""
-        sent = 0
+    async def dispatch(self) -> None:
+        """Publish the tasks the bounds allow now."""
         rollout = self.ctx.config.rollout
         while self.cursor < self.allowed():
             prompt = self.prompts[self.cursor % len(self.prompts)]
@@ -68,9 +67,7 @@ class Pacer:
             )
             await self.ctx.bus.publish(self.ctx.subjects.tasks, task, msg_id=task.task_id)
             self.cursor += 1
-            sent += 1
             await self.ctx.store.update(cursor=self.cursor)
-        return sent
 
     async def on_step(self, step: events.StepCommitted) -> None:
         if step.step <= self.step:

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
 from miles import events, raycluster
+from miles.blobs import BlobStore
 from miles.bus import hold
 from miles.generation import EngineHandle, rollout_many
 from miles.service import ServiceContext
@@ -58,7 +59,7 @@ async def main(ctx: ServiceContext) -> None:
         fleet.shutdown()
 
 
-async def sync_weights(fleet: EngineFleet, weights: WeightsWatcher, blobs) -> None:  # type: ignore[no-untyped-def]
+async def sync_weights(fleet: EngineFleet, weights: WeightsWatcher, blobs: BlobStore) -> None:
     latest = weights.latest
     if latest is not None and latest.policy_version > fleet.weight_version:
         path = await blobs.get_dir(latest.uri, latest.sha256)  # verifies the sha256

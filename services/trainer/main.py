@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -69,7 +68,7 @@ async def main(ctx: ServiceContext) -> None:
             start = time.monotonic()
             staging = ctx.run_dir / "staging" / f"v{step}"
             sha256 = await actor.save_weights.remote(str(staging))
-            uri = await blobs.put_dir(Path(staging), f"weights/v{step}")
+            uri = await blobs.put_dir(staging, f"weights/v{step}")
             seconds["save_weights"] = time.monotonic() - start
             record = step_record(step, batch, metrics, uri, sha256, seconds)
             if not await store.commit_step(step, record, batch.batch_id):
@@ -80,7 +79,14 @@ async def main(ctx: ServiceContext) -> None:
             log.info("step %d: loss %.4f reward %.3f", step, metrics["loss"], record["reward_mean"])
 
 
-def step_record(step, batch, metrics, uri, sha256, seconds) -> dict:  # type: ignore[no-untyped-def]
+def step_record(
+    step: int,
+    batch: events.Batch,
+    metrics: dict[str, Any],
+    uri: str,
+    sha256: str,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
     rewards = [s.reward for s in batch.samples]
     return {
         "step": step,
@@ -99,7 +105,7 @@ def step_record(step, batch, metrics, uri, sha256, seconds) -> dict:  # type: ig
     }
 
 
-async def announce(ctx: ServiceContext, record: dict) -> None:  # type: ignore[type-arg]
+async def announce(ctx: ServiceContext, record: dict[str, Any]) -> None:
     """Publish the weights and the step; ids make a repeat after a crash a no-op."""
     step = record["step"]
     weights = events.WeightsPublished(

@@ -21,7 +21,6 @@ MARGIN = 0.10  # accuracy points GRPO must add within STEPS steps
 
 
 def run_demo(tmp_path: Path, name: str, *overrides: str) -> dict:
-    cache = ROOT / "runs"  # the warm start is cached there and shared with `make demo`
     command = [
         sys.executable,
         "-m",
@@ -39,8 +38,8 @@ def run_demo(tmp_path: Path, name: str, *overrides: str) -> dict:
         f"run.output_dir='{tmp_path}'",
         *overrides,
     ]
+    # Embedded servers for each run; the warm start is cached in runs/cache, shared with the demo.
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "RAY_ADDRESS")}
-    env["MILES_CACHE_DIR"] = str(cache / "cache")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((tmp_path / name / "summary.json").read_text())

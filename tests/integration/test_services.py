@@ -490,8 +490,9 @@ async def test_trainer_commits_a_step_once(on_ray: Harness) -> None:
     assert step.sample_ids == ["x0/0", "x0/1", "x1/0", "x1/1"]
     assert step.reward_mean == 0.5
 
-    weights = await h.bus.latest(h.subjects.weights, events.WeightsPublished)
-    assert isinstance(weights, events.WeightsPublished)
+    last = await h.bus.js.get_last_msg(h.subjects.stream("weights"), h.subjects.weights)
+    assert last.data is not None
+    weights = events.decode(last.data, events.WeightsPublished, h.run_id)
     assert (weights.step, weights.policy_version) == (1, 1)
     assert sha256_file(Path(urlparse(weights.uri).path) / WEIGHTS_FILE) == weights.sha256
 

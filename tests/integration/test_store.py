@@ -28,7 +28,7 @@ async def test_create_run_is_idempotent_for_one_config(store: RunStore) -> None:
     run = await store.run()
     assert run["cursor"] == "5"  # a restart does not reset the run
     assert run["started"] == started
-    assert await store.redis.get(f"{store.key}:config") == '{"lr": 1}'
+    assert await store.redis.get(store.keys.config) == '{"lr": 1}'
     assert store.run_id in await list_runs(store.redis)
 
 
