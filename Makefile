@@ -31,7 +31,7 @@ venv: $(STAMP) ## create .venv with torch (CPU) and every dependency
 demo: $(STAMP) ## run the addition demo end to end (GRPO on a tiny Llama, five services)
 	$(BIN)/miles run examples/addition/recipe.py
 
-test: $(STAMP) ## run every test that fits this machine (unit, integration, e2e)
+test: $(STAMP) ## run every test that fits this machine (unit, integration, e2e, chaos)
 	$(BIN)/pytest -q $(PYTEST_FLAGS)
 
 test-unit: $(STAMP) ## unit tests only
@@ -42,6 +42,9 @@ test-integration: $(STAMP) ## integration tests (real nats-server, redis-server,
 
 test-e2e: $(STAMP) ## the end-to-end learning test and its control
 	$(BIN)/pytest -q tests/e2e $(PYTEST_FLAGS)
+
+test-chaos: $(STAMP) ## kill -9 each service, nats-server and redis-server mid-run; audit the run
+	$(BIN)/pytest -q tests/chaos $(PYTEST_FLAGS)
 
 check: fmt-check lint types contracts ## format, lint, types and import contracts
 
@@ -63,6 +66,7 @@ contracts: $(STAMP) ## services import only libs, never each other
 
 bench: $(STAMP) ## benchmarks (print a table, write JSON under benchmarks/results)
 	$(BIN)/python benchmarks/bench_bus.py
+	$(BIN)/python benchmarks/bench_recovery.py
 
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

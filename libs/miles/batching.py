@@ -30,7 +30,14 @@ def batch_id(task_ids: list[str]) -> str:
     return "b-" + hashlib.sha256("\n".join(sorted(task_ids)).encode()).hexdigest()[:16]
 
 
+def dispatch_order(task_id: str) -> tuple[int, str]:
+    """Task ids sort in the order the coordinator dispatched them (``t9`` before ``t10``)."""
+    return len(task_id), task_id
+
+
 def make_batch(run_id: str, groups: list[ScoredGroup], grpo: GRPOConfig) -> Batch:
+    """A batch in canonical order: the same groups make the same batch, bit for bit."""
+    groups = sorted(groups, key=lambda group: dispatch_order(group.task_id))
     samples: list[TrainSample] = []
     for group in groups:
         valid = [s for s in group.samples if not s.failed]

@@ -40,8 +40,8 @@ class BlobStore(Protocol):
         """
         ...
 
-    async def get_dir(self, uri: str, sha256: str) -> Path:
-        """A local directory holding the blob, verified against ``sha256``."""
+    async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
+        """A local directory holding the blob, its file ``checked`` verified against ``sha256``."""
         ...
 
 
@@ -62,9 +62,9 @@ class DirBlobStore:
         staging.rename(final)  # readers see the whole directory or none of it
         return final.as_uri()
 
-    async def get_dir(self, uri: str, sha256: str) -> Path:
+    async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
         path = Path(urlparse(uri).path)
-        _verify(path, sha256)
+        _verify(path, sha256, checked)
         return path
 
 
@@ -96,11 +96,11 @@ class ObjectBlobStore:
         shutil.rmtree(local_dir)
         return f"nats-os://{self.bucket}/{name}"
 
-    async def get_dir(self, uri: str, sha256: str) -> Path:
+    async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
         parsed = urlparse(uri)
         name = parsed.path.lstrip("/")
         target = self.cache_dir / name
-        if (target / WEIGHTS_FILE).exists() and sha256_file(target / WEIGHTS_FILE) == sha256:
+        if (target / checked).exists() and sha256_file(target / checked) == sha256:
             return target
         store = await self.js.object_store(parsed.netloc)
         staging = self.cache_dir / f".{name.replace('/', '_')}.tmp"
@@ -110,14 +110,14 @@ class ObjectBlobStore:
         for file_name in (listing.data or b"").decode().split("\n"):
             with (staging / file_name).open("wb") as handle:
                 await store.get(f"{name}/{file_name}", writeinto=handle)
-        _verify(staging, sha256)
+        _verify(staging, sha256, checked)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         return target
 
 
-def _verify(directory: Path, sha256: str) -> None:
-    actual = sha256_file(directory / WEIGHTS_FILE)
+def _verify(directory: Path, sha256: str, checked: str) -> None:
+    actual = sha256_file(directory / checked)
     if actual != sha256:
-        raise ChecksumMismatch(f"{directory / WEIGHTS_FILE}: sha256 {actual}, expected {sha256}")
+        raise ChecksumMismatch(f"{directory / checked}: sha256 {actual}, expected {sha256}")

@@ -46,6 +46,15 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=events.Event)
 T = TypeVar("T")
 
+NATS_AWAY = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""What a call raises while nats-server restarts; the client reconnects on its own."""
+
 DEDUPE_WINDOW_SECONDS = 300.0
 """Longer than the longest publish retry (``publish`` gives up after ~60 s)."""
 
@@ -81,11 +90,20 @@ class ConsumerSpec:
     max_ack_pending: int
 
 
-def topology(subjects: Subjects) -> tuple[list[StreamSpec], list[ConsumerSpec]]:
-    """The streams and durable consumers of one run."""
+def topology(
+    subjects: Subjects, ack_wait: float = 6.0
+) -> tuple[list[StreamSpec], list[ConsumerSpec]]:
+    """The streams and durable consumers of one run.
+
+    AckWait is short: a consumer that dies holding messages has them redelivered to a restarted
+    (or another) replica within seconds. Live consumers send ``in_progress`` during long work.
+    """
     s = subjects
     streams = [
-        StreamSpec("tasks", (s.tasks,), work_queue=True),
+        # Tasks are kept after they are acked (limits, not work-queue, retention): the stream is
+        # the run's record of what the coordinator dispatched and JetStream acknowledged, which
+        # the chaos tests' accounting and an operator's audit read back.
+        StreamSpec("tasks", (s.tasks,), work_queue=False),
         StreamSpec("generated", (s.generated,), work_queue=True),
         StreamSpec("scored", (s.scored,), work_queue=True),
         StreamSpec("batches", (s.batches,), work_queue=True),
@@ -96,12 +114,12 @@ def topology(subjects: Subjects) -> tuple[list[StreamSpec], list[ConsumerSpec]]:
         StreamSpec("dead", (s.dead(),), work_queue=False),
     ]
     consumers = [
-        ConsumerSpec("tasks", ROLLOUT_CONSUMER, ack_wait=60, max_ack_pending=1024),
-        ConsumerSpec("generated", REWARD_CONSUMER, ack_wait=60, max_ack_pending=1024),
+        ConsumerSpec("tasks", ROLLOUT_CONSUMER, ack_wait, max_ack_pending=1024),
+        ConsumerSpec("generated", REWARD_CONSUMER, ack_wait, max_ack_pending=1024),
         # The buffer holds groups unacked until the batch that uses them is published.
-        ConsumerSpec("scored", BUFFER_CONSUMER, ack_wait=60, max_ack_pending=4096),
-        ConsumerSpec("batches", TRAINER_CONSUMER, ack_wait=120, max_ack_pending=4),
-        ConsumerSpec("ledger", COORDINATOR_CONSUMER, ack_wait=30, max_ack_pending=4096),
+        ConsumerSpec("scored", BUFFER_CONSUMER, ack_wait, max_ack_pending=4096),
+        ConsumerSpec("batches", TRAINER_CONSUMER, ack_wait, max_ack_pending=4),
+        ConsumerSpec("ledger", COORDINATOR_CONSUMER, ack_wait, max_ack_pending=4096),
     ]
     return streams, consumers
 
@@ -134,8 +152,11 @@ async def connect_nats(url: str, timeout: float, name: str) -> NATS:
 class Bus:
     """One service's view of the run's streams."""
 
-    def __init__(self, nc: NATS, run_id: str, service: str, max_payload: int) -> None:
+    def __init__(
+        self, nc: NATS, run_id: str, service: str, max_payload: int, ack_wait: float = 6.0
+    ) -> None:
         self.nc = nc
+        self.ack_wait = ack_wait
         self.js: JetStreamContext = nc.jetstream(timeout=10)
         self.subjects = Subjects(run_id)
         self.run_id = run_id
@@ -146,7 +167,7 @@ class Bus:
 
     async def ensure_topology(self) -> None:
         """Create this run's streams and consumers; safe to call any number of times."""
-        streams, consumers = topology(self.subjects)
+        streams, consumers = topology(self.subjects, self.ack_wait)
         for spec in streams:
             config = StreamConfig(
                 name=self.subjects.stream(spec.kind),
@@ -200,12 +221,7 @@ class Bus:
             try:
                 await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
                 return
-            except (
-                nats.errors.TimeoutError,
-                nats.errors.ConnectionClosedError,
-                nats.js.errors.ServiceUnavailableError,
-                nats.errors.NoRespondersError,
-            ) as exc:
+            except NATS_AWAY as exc:
                 if time.monotonic() > deadline:
                     raise
                 log.warning("publish to %s failed (%s); retrying in %.1fs", subject, exc, delay)
@@ -224,6 +240,10 @@ class Bus:
             messages = await subscription.fetch(batch=batch, timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either
             return []
+        except NATS_AWAY as exc:  # NATS restarting: the client reconnects by itself
+            log.warning("fetch from NATS failed (%s); waiting for it to come back", exc)
+            await asyncio.sleep(timeout)
+            return []
         good: list[tuple[E, Msg]] = []
         for msg in messages:
             try:
@@ -232,6 +252,10 @@ class Bus:
                 await self.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
                 await msg.ack()
         return good
+
+    async def hold(self, work: Awaitable[T], messages: list[Msg]) -> T:
+        """``work`` while telling JetStream we still hold ``messages``, every third of AckWait."""
+        return await hold(work, messages, every=self.ack_wait / 3)
 
     async def dead_letter(self, subject: str, payload: bytes, reason: str, detail: str) -> None:
         """Record a rejected input where an operator can find it, then move on."""
@@ -257,7 +281,7 @@ class Bus:
         )
 
 
-async def hold(work: Awaitable[T], messages: list[Msg], every: float = 10.0) -> T:
+async def hold(work: Awaitable[T], messages: list[Msg], every: float) -> T:
     """Run ``work`` while telling JetStream we still hold ``messages`` (no redelivery)."""
     task = asyncio.ensure_future(work)
     while True:

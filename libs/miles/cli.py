@@ -12,6 +12,7 @@ from pathlib import Path
 
 import redis
 
+from miles import plan_cli
 from miles.bus import Unreachable
 from miles.config import MilesConfig, load_config
 from miles.recipe import RecipeError, load_recipe
@@ -34,9 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start NATS, Redis and Ray if needed, then the five services "
         "as separate processes; show live progress; write runs/<id>/summary.json.",
     )
-    run.add_argument("recipe", type=Path, help="the recipe file (Python)")
+    run.add_argument("recipe", type=Path, nargs="?", help="the recipe file (Python)")
     _config_args(run)
     run.add_argument("--run-id", help="run id (default: <run.name>-<time>)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue an interrupted run from its latest manifest (same id, data and config)",
+    )
+    run.add_argument(
+        "--output-dir", type=Path, default=Path("runs"), help="where --resume finds RUN_ID"
+    )
     run.add_argument("--quiet", action="store_true", help="no live view; one line per step")
 
     serve = sub.add_parser(
@@ -64,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Redis holding the run records (default: $REDIS_URL)",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
+    plan_cli.add_parser(sub)
     return parser
 
 
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             return launch(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "plan":
+            return plan_cli.run(args)
         return cmd_status(args)
     except (Unreachable, RecipeError, FileNotFoundError) as exc:
         print(f"miles: {exc}", file=sys.stderr)

@@ -43,6 +43,9 @@ class RolloutConfig(_Section):
     engines: int = Field(1, ge=1, description="Engine actors per rollout replica.")
     engine_num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per engine.")
     engine_threads: int = Field(2, ge=1, description="torch threads inside one CPU engine.")
+    engine_max_restarts: int = Field(
+        3, ge=0, description="Ray restarts of a dead engine actor before it is replaced."
+    )
     group_size: int = Field(8, ge=1, description="Samples per prompt (the G of GRPO).")
     max_new_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
@@ -62,6 +65,13 @@ class GRPOConfig(_Section):
     )
     kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference.")
     kl_estimator: Literal["k1", "k3"] = Field("k3")
+    old_logprobs: Literal["auto", "trainer", "engine"] = Field(
+        "auto",
+        description="pi_old of the ratio. trainer: the trainer's own pre-update logprobs (as "
+        "verl recomputes them), exact on-policy and independent of how engines batched; "
+        "engine: the sampling engine's logprobs, which importance-correct stale samples. "
+        "auto: trainer when buffer.max_staleness is 0, else engine.",
+    )
 
 
 class BufferConfig(_Section):
@@ -82,6 +92,13 @@ class TrainerConfig(_Section):
     dtype: Literal["fp32", "bf16"] = "fp32"
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the trainer actor.")
     threads: int = Field(2, ge=1, description="torch threads inside the trainer actor.")
+    checkpoint_every: int = Field(
+        1,
+        ge=1,
+        description="Write the full state (optimizer moments, RNG) every K steps; weights are "
+        "written every step. A trainer restarted between two full states resumes with moments "
+        "up to K-1 steps old, so only K=1 resumes bit for bit.",
+    )
 
 
 class CoordinatorConfig(_Section):
@@ -101,6 +118,12 @@ class InfraConfig(_Section):
     blob_dir: Path | None = Field(None, description="Shared directory; default <run>/blobs.")
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     connect_timeout_seconds: float = Field(5.0, gt=0)
+    ack_wait_seconds: float = Field(
+        6.0,
+        ge=1,
+        description="JetStream AckWait: a dead consumer's messages are redelivered after this. "
+        "Live consumers send in_progress every third of it during long work.",
+    )
 
 
 class MilesConfig(_Section):
@@ -119,6 +142,13 @@ class MilesConfig(_Section):
         if self.rollout.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2: GRPO normalises within a group")
         return self
+
+    def grpo_resolved(self) -> GRPOConfig:
+        """``grpo`` with ``old_logprobs`` decided."""
+        if self.grpo.old_logprobs != "auto":
+            return self.grpo
+        source = "trainer" if self.buffer.max_staleness == 0 else "engine"
+        return self.grpo.model_copy(update={"old_logprobs": source})
 
     def hash(self) -> str:
         """A stable digest of what changes the experiment (infra excluded)."""

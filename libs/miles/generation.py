@@ -15,6 +15,10 @@ from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParam
 from miles.events import Sample, Task
 
 
+class EngineReset(RuntimeError):
+    """The engine answered with older weights than it was given: it restarted in between."""
+
+
 class EngineHandle:
     """One engine as a rollout function sees it: async generate plus the tokenizer."""
 
@@ -26,6 +30,12 @@ class EngineHandle:
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
         outputs: list[GenerateOutput] = await self.actor.generate.remote(requests)
+        stale = [o.weight_version for o in outputs if o.weight_version < self.weight_version]
+        if stale:
+            raise EngineReset(
+                f"{self.name} generated at version {min(stale)}, but was given "
+                f"{self.weight_version}: it restarted with the base model"
+            )
         return outputs
 
 
@@ -33,8 +43,12 @@ RolloutFn = Callable[[EngineHandle, Task, RolloutConfig], Awaitable[list[Sample]
 
 
 def sample_seed(task: Task, index: int) -> int:
-    """A seed per sample, stable across retries, so a redelivered task regenerates the same."""
-    digest = hashlib.sha256(f"{task.run_id}/{task.task_id}/{task.seed}/{index}".encode()).digest()
+    """A seed per sample, stable across retries, so a redelivered task regenerates the same.
+
+    It depends on the run's seed (through ``task.seed``), not on the run id: two runs of one
+    config sample the same tokens, which is what lets a faulted run be compared bit for bit.
+    """
+    digest = hashlib.sha256(f"{task.task_id}/{task.seed}/{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 

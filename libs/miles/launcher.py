@@ -1,10 +1,16 @@
 """`miles run`: everything on this machine, each service its own OS process.
 
-resolve the config, run the recipe's @miles.setup
+resolve the config and run the recipe's @miles.setup (or, with --resume, read both back)
 start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head
-start the five services with `miles serve`, restarting a crashed one with backoff
+start the five services with `miles serve`
+supervise: restart a crashed service, or a crashed embedded server on its own store, with
+    backoff, a log line and a count
 show live progress until the coordinator reports the run finished
 write runs/<run_id>/summary.json and stop everything, Ctrl-C included
+
+A run stopped for any reason resumes with `miles run --resume <run_id>`: the embedded servers
+restart on the run's JetStream store and Redis AOF, and every service continues from Redis (the
+trainer from the latest checkpoint manifest, the coordinator from its dataset cursor).
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import redis
 
 from miles import embedded, raycluster
 from miles.cli import SERVICES, resolve_config
+from miles.config import MilesConfig
 from miles.live import LiveView
-from miles.recipe import load_recipe
+from miles.recipe import Recipe, load_recipe
 from miles.summary import RunView
 
 
@@ -40,11 +47,14 @@ class Child:
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    streak: int = 0
+    started: float = 0.0
     next_start: float = 0.0
     backoff: float = 1.0
     log_handles: list[object] = field(default_factory=list)
 
     def start(self) -> None:
+        self.started = time.monotonic()
         handle = self.log_path.open("ab")
         self.log_handles.append(handle)
         self.process = subprocess.Popen(
@@ -58,7 +68,42 @@ class Child:
             handle.close()  # type: ignore[attr-defined]
 
 
-def launch(args: argparse.Namespace) -> int:
+@dataclass
+class Launch:
+    """What `miles run` decided, saved as ``launch.json`` so --resume can decide the same."""
+
+    recipe: str
+    embedded_nats: bool
+    embedded_redis: bool
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / "launch.json").write_text(json.dumps(self.__dict__, indent=2))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Launch:
+        path = run_dir / "launch.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} holds no launch.json: not a `miles run` run dir")
+        return cls(**json.loads(path.read_text()))
+
+
+def prepare(args: argparse.Namespace) -> tuple[Recipe, MilesConfig, str, Path, Launch]:
+    """A new run's recipe, config and directory; or those of the run being resumed."""
+    if args.resume:
+        run_id = args.resume
+        run_dir = (args.output_dir / run_id).resolve()
+        launch = Launch.load(run_dir)
+        recipe = load_recipe(Path(launch.recipe))
+        config = MilesConfig.model_validate_json((run_dir / "config.json").read_text())
+        config = resolve_config(config, None, args.overrides)
+        infra = config.infra
+        infra.nats_url = None if launch.embedded_nats else infra.nats_url
+        infra.redis_url = None if launch.embedded_redis else infra.redis_url
+        infra.ray_address = os.environ.get("RAY_ADDRESS")
+        print(f"miles: resuming run {run_id} from {run_dir}", flush=True)
+        return recipe, config, run_id, run_dir, launch
+    if args.recipe is None:
+        raise FileNotFoundError("miles run needs a recipe file, or --resume RUN_ID")
     recipe = load_recipe(args.recipe)
     config = resolve_config(recipe.config, args.config, args.overrides)
     run_id = (
@@ -69,20 +114,31 @@ def launch(args: argparse.Namespace) -> int:
     if recipe.setup is not None:
         print(f"miles: running {recipe.setup.__name__}() from {recipe.path.name}", flush=True)
         config = recipe.setup(config)
+    launch = Launch(str(recipe.path), not config.infra.nats_url, not config.infra.redis_url)
+    launch.save(run_dir)
+    return recipe, config, run_id, run_dir, launch
 
+
+def launch(args: argparse.Namespace) -> int:
+    recipe, config, run_id, run_dir, plan = prepare(args)
     servers: list[embedded.Server] = []
     children: list[Child] = []
     started_ray = False
     try:
-        if not config.infra.nats_url:
+        if plan.embedded_nats:
             servers.append(embedded.start_nats(run_dir / "nats"))
             config.infra.nats_url = servers[-1].url
-        if not config.infra.redis_url:
+        if plan.embedded_redis:
             servers.append(embedded.start_redis(run_dir / "redis"))
             config.infra.redis_url = servers[-1].url
         if not config.infra.ray_address:
             config.infra.ray_address = raycluster.start_local(run_dir)
             started_ray = True
+        assert config.infra.redis_url is not None
+        client = redis.Redis.from_url(config.infra.redis_url, decode_responses=True)
+        if args.resume and RunView.read(client, run_id).run.get("status") == "finished":
+            print(f"miles: run {run_id} finished already; nothing to resume", flush=True)
+            return 0
         config_path = run_dir / "config.json"
         config_path.write_text(config.model_dump_json(indent=2))
         print(
@@ -112,18 +168,19 @@ def launch(args: argparse.Namespace) -> int:
             child.start()
             children.append(child)
 
-        client = redis.Redis.from_url(config.infra.redis_url, decode_responses=True)
-        finished, peak_processes = supervise(
-            children, client, run_id, config.run.steps, quiet=args.quiet
-        )
+        supervisor = Supervisor(children, servers, client, run_id, config.run.steps)
+        finished = supervisor.run(quiet=args.quiet)
         view = RunView.read(client, run_id)
         summary = view.summary() | {
-            "restarts": {c.service: c.restarts for c in children},
-            "os_processes_peak": peak_processes,
+            "restarts": supervisor.restarts(),
+            "os_processes_peak": supervisor.peak_processes,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         LiveView.final(summary, run_dir)
         return 0 if finished else 1
+    except KeyboardInterrupt:
+        print(f"\nmiles: interrupted; continue with `miles run --resume {run_id}`", flush=True)
+        return 130
     finally:
         for child in children:
             child.stop()
@@ -135,40 +192,74 @@ def launch(args: argparse.Namespace) -> int:
             server.stop()
 
 
-def supervise(
-    children: list[Child], client: redis.Redis, run_id: str, steps: int, quiet: bool
-) -> tuple[bool, int]:
-    """Restart crashed services with backoff; return (finished, peak OS process count)."""
-    coordinator = children[0]
-    peak = 0
-    with LiveView(run_id, steps, quiet=quiet) as live:
-        for tick in itertools.count():
-            live.update(RunView.read(client, run_id))
-            if tick % 20 == 0:
-                peak = max(peak, count_processes())
-            for child in children:
-                assert child.process is not None
-                code = child.process.poll()
-                if code is None or (code == 0 and child is not coordinator):
-                    continue  # running, or stopped on purpose (the run finished)
-                if child is coordinator and code == 0:
-                    wait_for_exit(children[1:], timeout=30)
-                    live.update(RunView.read(client, run_id))
-                    return RunView.read(client, run_id).run.get("status") == "finished", peak
-                if time.monotonic() >= child.next_start:
-                    child.restarts += 1
-                    live.log(
-                        f"{child.service} exited with code {code}; restart "
-                        f"#{child.restarts} (log: {child.log_path})"
-                    )
-                    if child.restarts > 5:
-                        live.log(f"{child.service} keeps crashing; giving up")
-                        return False, peak
-                    child.next_start = time.monotonic() + child.backoff
-                    child.backoff = min(child.backoff * 2, 30)
-                    child.start()
-            time.sleep(0.5)
-    raise AssertionError("unreachable")
+@dataclass
+class Supervisor:
+    """Keeps the children and the embedded servers up until the coordinator finishes the run."""
+
+    children: list[Child]
+    servers: list[embedded.Server]
+    client: redis.Redis
+    run_id: str
+    steps: int
+    peak_processes: int = 0
+    server_restarts: dict[str, int] = field(default_factory=dict)
+
+    def restarts(self) -> dict[str, int]:
+        return {c.service: c.restarts for c in self.children} | self.server_restarts
+
+    def run(self, quiet: bool) -> bool:
+        """True when the run finished; False when a service keeps crashing."""
+        coordinator = self.children[0]
+        with LiveView(self.run_id, self.steps, quiet=quiet) as live:
+            for tick in itertools.count():
+                self.revive_servers(live)
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    live.update(RunView.read(self.client, self.run_id))
+                if tick % 20 == 0:
+                    self.peak_processes = max(self.peak_processes, count_processes())
+                for child in self.children:
+                    assert child.process is not None
+                    code = child.process.poll()
+                    if code is None or (code == 0 and child is not coordinator):
+                        continue  # running, or stopped on purpose (the run finished)
+                    if child is coordinator and code == 0:
+                        wait_for_exit(self.children[1:], timeout=30)
+                        view = RunView.read(self.client, self.run_id)
+                        live.update(view)
+                        return view.run.get("status") == "finished"
+                    if not self.restart(child, code, live):
+                        return False
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
+
+    def restart(self, child: Child, code: int, live: LiveView) -> bool:
+        if time.monotonic() < child.next_start:
+            return True
+        if time.monotonic() - child.started > 60:  # it ran a good while: a fresh failure
+            child.backoff = 1.0
+            child.streak = 0
+        child.restarts += 1
+        child.streak += 1
+        live.log(
+            f"{child.service} exited with code {code}; restart #{child.restarts} "
+            f"(log: {child.log_path})"
+        )
+        if child.streak > 5:
+            live.log(f"{child.service} crashed 5 times in a row; giving up")
+            return False
+        child.next_start = time.monotonic() + child.backoff
+        child.backoff = min(child.backoff * 2, 30)
+        child.start()
+        return True
+
+    def revive_servers(self, live: LiveView) -> None:
+        """An embedded server that died restarts on the same port, store and AOF."""
+        for server in self.servers:
+            code = server.process.poll()
+            if code is not None:
+                self.server_restarts[server.name] = self.server_restarts.get(server.name, 0) + 1
+                live.log(f"{server.name} exited with code {code}; restarting on its own store")
+                server.restart()
 
 
 def wait_for_exit(children: list[Child], timeout: float) -> None:

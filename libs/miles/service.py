@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from redis.asyncio import Redis
 
 from miles import events
 from miles.bus import Bus, connect_nats
+from miles.checkpoint import Manifests
 from miles.config import MilesConfig
 from miles.recipe import Recipe
 from miles.store import RunStore, connect_redis
@@ -67,6 +69,10 @@ class ServiceContext:
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     clock: Clock = field(default_factory=Clock)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @functools.cached_property
+    def manifests(self) -> Manifests:
+        return Manifests(self.redis, self.run_id)
 
     @property
     def subjects(self) -> Subjects:
@@ -127,7 +133,7 @@ async def run_service(
     timeout = config.infra.connect_timeout_seconds
     nc = await connect_nats(config.infra.nats_url, timeout, name=f"miles-{service}")
     redis = await connect_redis(config.infra.redis_url, timeout)
-    bus = Bus(nc, run_id, service, config.infra.max_payload_bytes)
+    bus = Bus(nc, run_id, service, config.infra.max_payload_bytes, config.infra.ack_wait_seconds)
     store = RunStore(redis, run_id)
 
     async def count_dead(reason: str) -> None:

@@ -4,29 +4,45 @@ Keys, all under ``miles:run:<run_id>``:
 
 - ``(hash)``          config hash, status, step, policy_version, reward and accuracy, times
 - ``:config``         the resolved config (JSON)
-- ``:steps``          one JSON record per committed step (list, index = step - 1)
-- ``:evals``          one JSON record per evaluation (list)
+- ``:manifest:<n>``   the checkpoint manifest of step n, written once (see checkpoint.py)
+- ``:latest``         the last committed step; moves by compare-and-set only
 - ``:trained``        batch ids already trained (set): a redelivered batch is a no-op
+- ``:batched``        task id -> the batch id the buffer put its group in (hash)
+- ``:batches``        batch id -> its task ids in order, and whether it was published (hash)
+- ``:evals``          one JSON record per evaluation (list)
 - ``:services``       instance -> last heartbeat (JSON)
 - ``:dead``           reason -> count of dead-lettered inputs
 - ``:filtered``       reason -> count of groups the buffer dropped
+- ``:filtered_tasks`` task id -> why the buffer dropped its group (hash; counted once)
 ``miles:runs`` is a sorted set of run ids by start time.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
 
 from miles.bus import Unreachable
 from miles.events import Heartbeat
 
+log = logging.getLogger(__name__)
 RUNS_KEY = "miles:runs"
+
+_RECORD_FILTERED = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  return 1
+end
+return 0
+"""
 
 
 class RunKeys:
@@ -35,18 +51,45 @@ class RunKeys:
     def __init__(self, run_id: str) -> None:
         self.record = f"miles:run:{run_id}"
         self.config = f"{self.record}:config"
-        self.steps = f"{self.record}:steps"
-        self.evals = f"{self.record}:evals"
+        self.latest = f"{self.record}:latest"
         self.trained = f"{self.record}:trained"
+        self.batched = f"{self.record}:batched"
+        self.batches = f"{self.record}:batches"
+        self.evals = f"{self.record}:evals"
         self.services = f"{self.record}:services"
         self.dead = f"{self.record}:dead"
         self.filtered = f"{self.record}:filtered"
+        self.filtered_tasks = f"{self.record}:filtered_tasks"
+
+    def manifest(self, step: int) -> str:
+        return f"{self.record}:manifest:{step}"
+
+
+REDIS_OUTAGE_SECONDS = 120.0
+"""How long a service rides out an unreachable Redis (a restart replaying its AOF) before its
+calls raise and the supervisor restarts it."""
+
+
+class _LoggedBackoff(ExponentialBackoff):
+    """Exponential backoff that says, once per retry, that Redis is away and for how long."""
+
+    def compute(self, failures: int) -> float:
+        delay = super().compute(failures)
+        log.warning("Redis unreachable (attempt %d); retrying in %.1fs", failures, delay)
+        return delay
 
 
 async def connect_redis(url: str, timeout: float) -> aioredis.Redis:
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=timeout, decode_responses=True)
+    cap = 2.0
+    client = aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+        retry=Retry(_LoggedBackoff(cap=cap, base=0.05), retries=int(REDIS_OUTAGE_SECONDS / cap)),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    )
     try:
-        await client.ping()
+        await _ping_once(url, timeout)
     except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         await client.aclose()
         raise Unreachable(
@@ -56,11 +99,23 @@ async def connect_redis(url: str, timeout: float) -> aioredis.Redis:
     return client
 
 
+async def _ping_once(url: str, timeout: float) -> None:
+    """A first contact without retries: a wrong URL fails in seconds, not minutes."""
+    probe = aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        await probe.ping()
+    finally:
+        await probe.aclose()
+
+
 class RunStore:
     def __init__(self, client: aioredis.Redis, run_id: str) -> None:
         self.redis = client
         self.run_id = run_id
         self.keys = RunKeys(run_id)
+        self._filter = client.register_script(_RECORD_FILTERED)
 
     async def create_run(self, config_hash: str, config_json: str) -> bool:
         """Record a new run; False when it exists already (a restarted coordinator)."""
@@ -99,30 +154,11 @@ class RunStore:
     async def policy_version(self) -> int:
         return int(await self.redis.hget(self.keys.record, "policy_version") or 0)
 
-    async def commit_step(self, step: int, record: dict[str, Any], batch_id: str) -> bool:
-        """Append the step record, mark its batch trained and move the version, atomically.
-
-        Returns False when the batch was trained already (a redelivery); nothing changes then.
-        """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(self.keys.trained)
-            if await pipe.sismember(self.keys.trained, batch_id):
-                return False
-            pipe.multi()
-            pipe.sadd(self.keys.trained, batch_id)
-            pipe.rpush(self.keys.steps, json.dumps(record))
-            pipe.hset(self.keys.record, mapping={"step": step, "policy_version": step})
-            await pipe.execute()
-        return True
-
-    async def trained(self, batch_id: str) -> bool:
-        return bool(await self.redis.sismember(self.keys.trained, batch_id))
-
-    async def steps(self) -> list[dict[str, Any]]:
-        return [json.loads(row) for row in await self.redis.lrange(self.keys.steps, 0, -1)]
-
     async def add_eval(self, record: dict[str, Any]) -> None:
         await self.redis.rpush(self.keys.evals, json.dumps(record))
+
+    async def evals(self) -> list[dict[str, Any]]:
+        return [json.loads(row) for row in await self.redis.lrange(self.keys.evals, 0, -1)]
 
     async def heartbeat(self, beat: Heartbeat) -> None:
         key = f"{beat.service}/{beat.instance}"
@@ -138,11 +174,47 @@ class RunStore:
     async def dead_letters(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.dead)).items()}
 
-    async def count_filtered(self, reason: str) -> None:
-        await self.redis.hincrby(self.keys.filtered, reason, 1)
+    async def record_filtered(self, task_id: str, reason: str) -> bool:
+        """Remember why a group was dropped; counted once however often it is redelivered."""
+        first = await self._filter(
+            keys=[self.keys.filtered_tasks, self.keys.filtered], args=[task_id, reason]
+        )
+        return bool(first)
 
     async def filtered(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.filtered)).items()}
+
+    async def filtered_groups(self) -> int:
+        return int(await self.redis.hlen(self.keys.filtered_tasks))
+
+    async def plan_batch(self, batch_id: str, task_ids: list[str]) -> None:
+        """Record a batch's groups before it is published, so a restarted buffer rebuilds it."""
+        plan = json.dumps({"task_ids": task_ids, "published": False})
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self.keys.batches, batch_id, plan)
+            pipe.hset(self.keys.batched, mapping=dict.fromkeys(task_ids, batch_id))
+            await pipe.execute()
+
+    async def mark_published(self, batch_id: str, task_ids: list[str]) -> None:
+        plan = json.dumps({"task_ids": task_ids, "published": True})
+        await self.redis.hset(self.keys.batches, batch_id, plan)
+
+    async def batch_plans(self, task_ids: list[str]) -> dict[str, tuple[str, list[str], bool]]:
+        """task id -> (batch id, the batch's task ids, published) for tasks already batched."""
+        if not task_ids:
+            return {}
+        owners = await self.redis.hmget(self.keys.batched, task_ids)
+        batch_ids = sorted({b for b in owners if b is not None})
+        if not batch_ids:
+            return {}
+        found = await self.redis.hmget(self.keys.batches, batch_ids)
+        plans = dict(zip(batch_ids, found, strict=True))
+        out = {}
+        for task_id, batch_id in zip(task_ids, owners, strict=True):
+            if batch_id is not None and plans[batch_id] is not None:
+                plan = json.loads(plans[batch_id])
+                out[task_id] = (batch_id, plan["task_ids"], plan["published"])
+        return out
 
 
 async def list_runs(client: aioredis.Redis) -> list[str]:

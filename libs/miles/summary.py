@@ -30,13 +30,18 @@ class RunView:
         def rows(key: str) -> list[dict[str, Any]]:
             return [json.loads(row) for row in client.lrange(key, 0, -1)]
 
+        def manifests() -> list[dict[str, Any]]:
+            latest = int(client.get(keys.latest) or 0)  # type: ignore[arg-type]
+            found = client.mget([keys.manifest(s) for s in range(1, latest + 1)]) if latest else []
+            return [json.loads(row) for row in found if row is not None]  # type: ignore[union-attr]
+
         def counts(key: str) -> dict[str, int]:
             return {name: int(count) for name, count in client.hgetall(key).items()}
 
         return cls(
             run=client.hgetall(keys.record),
             config=json.loads(client.get(keys.config) or "{}"),
-            steps=rows(keys.steps),
+            steps=manifests(),
             evals=rows(keys.evals),
             services={k: json.loads(v) for k, v in client.hgetall(keys.services).items()},
             dead_letters=counts(keys.dead),

@@ -21,7 +21,17 @@ class EvalRound:
 
     @property
     def complete(self) -> bool:
-        return len(self.rewards) >= len(self.task_ids)
+        return self.recorded or len(self.rewards) >= len(self.task_ids)
+
+    @classmethod
+    def recorded_round(cls, round_: int) -> EvalRound:
+        """A round a previous coordinator finished and recorded: not run again."""
+        return cls(round_, set(), recorded=True)
+
+
+async def recorded(ctx: ServiceContext) -> set[int]:
+    """Rounds whose result is in the run record already."""
+    return {int(row["round"]) for row in await ctx.store.evals()}
 
 
 async def dispatch_eval(ctx: ServiceContext, round_: int, prompts: list[Prompt]) -> EvalRound:

@@ -2,9 +2,11 @@
 
 create the streams, consumers and the run record (idempotent: a restart resumes)
 evaluate the initial policy
+watch heartbeats: who is alive, who went silent
 loop until N steps are committed and every evaluation is in:
-    dispatch training tasks while the staleness gate and the in-flight bound allow
-    read the ledger: committed steps, filtered groups, evaluation results
+    read the counters in Redis (committed steps, filtered groups) and dispatch training tasks
+        while the staleness gate and the in-flight bound allow
+    read the ledger: committed steps and filtered groups wake us, evaluation results arrive
     every K steps (and after the last), evaluate greedy accuracy on held-out prompts
 mark the run finished and tell every service to stop
 """
@@ -18,7 +20,14 @@ from miles import events
 from miles.data import load_prompts
 from miles.service import ServiceContext
 from miles.subjects import COORDINATOR_CONSUMER
-from services.coordinator.evaluation import EvalRound, dispatch_eval, record_result, summarize
+from services.coordinator.evaluation import (
+    EvalRound,
+    dispatch_eval,
+    record_result,
+    recorded,
+    summarize,
+)
+from services.coordinator.liveness import Liveness
 from services.coordinator.pacing import Pacer
 
 log = logging.getLogger("miles.coordinator")
@@ -32,24 +41,28 @@ async def main(ctx: ServiceContext) -> None:
     held_out = load_prompts(config, ctx.recipe, "eval")
     pacer = await Pacer.resume(ctx, train)
     log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", pacer.step)
+    liveness = Liveness(ctx)
+    await liveness.start()
     inbox = await bus.pull("ledger", COORDINATOR_CONSUMER)
-    rounds: dict[int, EvalRound] = {pacer.step: await dispatch_eval(ctx, pacer.step, held_out)}
+    rounds: dict[int, EvalRound] = {r: EvalRound.recorded_round(r) for r in await recorded(ctx)}
+    if pacer.step not in rounds:
+        rounds[pacer.step] = await dispatch_eval(ctx, pacer.step, held_out)
     last_step = config.run.steps
 
     while not ctx.stopping.is_set():
         with ctx.clock.busy():
+            liveness.check()
+            await pacer.refresh()
             await pacer.dispatch()
         with ctx.clock.waiting():
             arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
         with ctx.clock.busy():
             for event, msg in arrived:
                 if isinstance(event, events.StepCommitted):
-                    await pacer.on_step(event)
+                    await store.update(reward_mean=event.reward_mean, loss=event.loss)
                     due = event.step % config.coordinator.eval_every == 0 or event.step == last_step
                     if due and event.step not in rounds and event.step <= last_step:
                         rounds[event.step] = await dispatch_eval(ctx, event.step, held_out)
-                elif isinstance(event, events.GroupFiltered):
-                    await pacer.on_filtered(event)
                 elif isinstance(event, events.ScoredGroup):
                     record_result(rounds, event, config.coordinator.correct_reward)
                     done = rounds.get(event.eval_round)
@@ -62,6 +75,7 @@ async def main(ctx: ServiceContext) -> None:
                             "eval after step %d: accuracy %.3f", done.round, result["accuracy"]
                         )
                 await msg.ack()
+            await pacer.refresh()
             if pacer.step >= last_step and all(r.complete for r in rounds.values()):
                 break
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from miles import events
+from miles import events, faults
 from miles.data import Prompt
 from miles.service import ServiceContext
 
@@ -28,20 +28,20 @@ class Pacer:
     step: int = 0
     trained_groups: int = 0
     filtered_groups: int = 0
-    trained_samples: int = 0
 
     @classmethod
     async def resume(cls, ctx: ServiceContext, prompts: list[Prompt]) -> Pacer:
-        run = await ctx.store.run()
-        return cls(
-            ctx,
-            prompts,
-            cursor=int(run.get("cursor", 0)),
-            step=int(run.get("step", 0)),
-            trained_groups=int(run.get("trained_groups", 0)),
-            filtered_groups=int(run.get("filtered_groups", 0)),
-            trained_samples=int(run.get("trained_samples", 0)),
-        )
+        pacer = cls(ctx, prompts, cursor=int((await ctx.store.run()).get("cursor", 0)))
+        await pacer.refresh()
+        return pacer
+
+    async def refresh(self) -> None:
+        """Read the counters others own: steps committed by the trainer, groups the buffer
+        dropped. Both are idempotent records in Redis, so a redelivered event counts once."""
+        run = await self.ctx.store.run()
+        self.step = int(run.get("step", 0))
+        self.trained_groups = int(run.get("trained_groups", 0))
+        self.filtered_groups = await self.ctx.store.filtered_groups()
 
     def allowed(self) -> int:
         buffer = self.ctx.config.buffer
@@ -52,7 +52,12 @@ class Pacer:
         return min(gate, bound)
 
     async def dispatch(self) -> None:
-        """Publish the tasks the bounds allow now."""
+        """Publish the tasks the bounds allow now.
+
+        The task id is the cursor, and the publish is deduplicated by it: a coordinator that
+        dies between publishing and recording the cursor publishes the same task again, and
+        JetStream keeps one copy.
+        """
         rollout = self.ctx.config.rollout
         while self.cursor < self.allowed():
             prompt = self.prompts[self.cursor % len(self.prompts)]
@@ -66,22 +71,6 @@ class Pacer:
                 seed=self.ctx.config.run.seed * 1_000_003 + self.cursor,
             )
             await self.ctx.bus.publish(self.ctx.subjects.tasks, task, msg_id=task.task_id)
+            faults.crash_point("coordinator.dispatched")
             self.cursor += 1
             await self.ctx.store.update(cursor=self.cursor)
-
-    async def on_step(self, step: events.StepCommitted) -> None:
-        if step.step <= self.step:
-            return  # a re-announced step after a trainer restart
-        self.step = step.step
-        self.trained_groups += len(step.task_ids)
-        self.trained_samples += len(step.sample_ids)
-        await self.ctx.store.update(
-            trained_groups=self.trained_groups,
-            trained_samples=self.trained_samples,
-            reward_mean=step.reward_mean,
-            loss=step.loss,
-        )
-
-    async def on_filtered(self, notice: events.GroupFiltered) -> None:
-        self.filtered_groups += 1
-        await self.ctx.store.update(filtered_groups=self.filtered_groups)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from miles import events
+from miles import events, faults
 from miles.scoring import score
 from miles.service import ServiceContext
 from miles.subjects import REWARD_CONSUMER
@@ -46,5 +46,6 @@ async def main(ctx: ServiceContext) -> None:
                     ctx.subjects.scored if group.split == "train" else ctx.subjects.eval_scored
                 )
                 await bus.publish(subject, scored, msg_id=f"scored/{group.task_id}")
+                faults.crash_point("reward.mid_batch")
                 await msg.ack()
                 ctx.clock.processed += 1

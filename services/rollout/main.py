@@ -16,9 +16,8 @@ import time
 from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
-from miles import events, raycluster
+from miles import events, faults, raycluster
 from miles.blobs import BlobStore
-from miles.bus import hold
 from miles.generation import EngineHandle, rollout_many
 from miles.service import ServiceContext
 from miles.subjects import ROLLOUT_CONSUMER
@@ -51,9 +50,10 @@ async def main(ctx: ServiceContext) -> None:
             needed = max(task.policy_version for task, _ in batch)
             if weights.version < needed:
                 with ctx.clock.waiting():  # rollout waiting for weights: half of the bleed
-                    await hold(weights.wait_for(needed), [msg for _, msg in batch])
+                    await bus.hold(weights.wait_for(needed), [msg for _, msg in batch])
             await sync_weights(fleet, weights, blobs)
             with ctx.clock.busy():
+                faults.crash_soon("rollout.generating")
                 await generate_and_publish(ctx, fleet, batch)
     finally:
         fleet.shutdown()
@@ -70,9 +70,13 @@ async def generate_and_publish(
     ctx: ServiceContext, fleet: EngineFleet, batch: list[tuple[events.Task, Msg]]
 ) -> None:
     shares = [batch[i :: len(fleet.engines)] for i in range(len(fleet.engines))]
-    results = await asyncio.gather(
-        *(generate(ctx, engine, share) for engine, share in zip(fleet.engines, shares, strict=True))
+    work = asyncio.gather(
+        *(
+            fleet.run(engine, lambda e, share=share: generate(ctx, e, share))  # type: ignore[misc]
+            for engine, share in zip(fleet.engines, shares, strict=True)
+        )
     )
+    results = await ctx.bus.hold(work, [msg for _, msg in batch])
     for share, (groups, seconds, engine) in zip(shares, results, strict=True):
         for (task, msg), samples in zip(share, groups, strict=True):
             group = events.GeneratedGroup(

@@ -20,7 +20,11 @@ class TrainerActor:
         recipe = load_recipe(recipe_path)
         assert config.model.path is not None, "model.path is required"
         self.backend = TorchTrainer(
-            str(config.model.path), config.trainer, config.grpo, config.run.seed, recipe.update
+            str(config.model.path),
+            config.trainer,
+            config.grpo_resolved(),
+            config.run.seed,
+            recipe.update,
         )
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, Any]:
@@ -31,3 +35,15 @@ class TrainerActor:
 
     def load_weights(self, directory: str) -> None:
         self.backend.load_weights(directory)
+
+    def save_state(self, directory: str) -> str:
+        return self.backend.save_state(directory)
+
+    def load_state(self, directory: str) -> None:
+        self.backend.load_state(directory)
+
+    def rng_state(self) -> str:
+        return self.backend.rng_state()
+
+    def set_rng_state(self, encoded: str) -> None:
+        self.backend.set_rng_state(encoded)

@@ -1,11 +1,12 @@
 """Trainer: batches in, committed steps and new weights out.
 
+resume from the latest manifest: its weights, its optimizer state and RNG
 loop:
     pull one batch
-    if the ledger says it was trained: re-announce the step (idempotent) and ack
+    if the ledger says it was trained: re-announce its step (idempotent) and ack
     train one step on the Ray actor
-    write the weights (safetensors, HF names) to the blob store
-    commit the step in Redis (ledger + record + version, one transaction)
+    write the weights (every step) and the full state (every K steps) under unique names
+    commit the manifest in Redis (written once; `latest` moves by compare-and-set)
     publish weights and step events (deduped by version), then ack the batch
 """
 
@@ -13,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import ray
 
-from miles import events, raycluster
-from miles.bus import hold
+from miles import events, faults, raycluster
+from miles.blobs import BlobStore
+from miles.checkpoint import CommitRefused, Manifest
 from miles.service import ServiceContext
 from miles.subjects import TRAINER_CONSUMER
+from miles.trainer.torch_backend import STATE_FILE
 from miles.weights import make_blob_store
 from services.trainer.actor import TrainerActor
 
@@ -28,7 +32,7 @@ log = logging.getLogger("miles.trainer")
 
 
 async def main(ctx: ServiceContext) -> None:
-    config, bus, store = ctx.config, ctx.bus, ctx.store
+    config, bus = ctx.config, ctx.bus
     raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
     actor: Any = (
         ray.remote(TrainerActor)
@@ -36,13 +40,11 @@ async def main(ctx: ServiceContext) -> None:
         .remote(str(ctx.recipe.path), config.model_dump_json())
     )
     blobs = make_blob_store(config, bus, ctx.run_dir)
-    steps = await store.steps()
-    if steps:  # a restarted trainer continues from the last committed weights
-        latest = steps[-1]
-        path = await blobs.get_dir(latest["weights_uri"], latest["weights_sha256"])
-        await actor.load_weights.remote(str(path))
-        log.info("trainer resumed at step %d from %s", latest["step"], latest["weights_uri"])
-    step = len(steps)
+    latest = await resume(actor, blobs, await ctx.manifests.latest())
+    step = latest.step if latest else 0
+    state: tuple[str | None, str | None, int] = (None, None, 0)
+    if latest:
+        state = (latest.state_uri, latest.state_sha256, latest.state_step)
     batches = await bus.pull("batches", TRAINER_CONSUMER)
     log.info("trainer %s ready at step %d", ctx.instance, step)
 
@@ -53,81 +55,116 @@ async def main(ctx: ServiceContext) -> None:
         if not got:
             continue
         batch, msg = got[0]
-        if await store.trained(batch.batch_id):
-            log.info("batch %s was trained already; re-announcing and acking", batch.batch_id)
-            done = [r for r in await store.steps() if r["batch_id"] == batch.batch_id]
-            await announce(ctx, done[0])
+        if await ctx.manifests.trained(batch.batch_id):
+            done = await ctx.manifests.step_of(batch.batch_id)
+            log.info("batch %s was trained in step %s; re-announcing, acking", batch.batch_id, done)
+            if done is not None:
+                await announce(ctx, done)
             await msg.ack()
             continue
         with ctx.clock.busy():
             seconds = {"wait_for_batch": time.monotonic() - wait_start}
             start = time.monotonic()
-            metrics = await hold(actor.train_step.remote(batch.samples), [msg])
+            metrics = await bus.hold(actor.train_step.remote(batch.samples), [msg])
             seconds["train"] = time.monotonic() - start
+            faults.crash_point("trainer.stepped")
             step += 1
             start = time.monotonic()
-            staging = ctx.run_dir / "staging" / f"v{step}"
-            sha256 = await actor.save_weights.remote(str(staging))
-            uri = await blobs.put_dir(staging, f"weights/v{step}")
+            attempt = uuid.uuid4().hex[:8]  # a crashed attempt never overwrites what a reader sees
+            staging = ctx.run_dir / "staging" / f"v{step}-{attempt}"
+            sha256 = await bus.hold(actor.save_weights.remote(str(staging)), [msg])
+            uri = await blobs.put_dir(staging, f"weights/v{step}-{attempt}")
             seconds["save_weights"] = time.monotonic() - start
-            record = step_record(step, batch, metrics, uri, sha256, seconds)
-            if not await store.commit_step(step, record, batch.batch_id):
-                raise RuntimeError(f"batch {batch.batch_id} committed twice: two trainers?")
-            await announce(ctx, record)
+            if step % config.trainer.checkpoint_every == 0:
+                start = time.monotonic()
+                staging = ctx.run_dir / "staging" / f"state{step}-{attempt}"
+                state_sha = await bus.hold(actor.save_state.remote(str(staging)), [msg])
+                state_uri = await blobs.put_dir(staging, f"state/s{step}-{attempt}")
+                state = (state_uri, state_sha, step)
+                seconds["save_state"] = time.monotonic() - start
+            manifest = Manifest(
+                run_id=ctx.run_id,
+                step=step,
+                policy_version=step,
+                weights_uri=uri,
+                weights_sha256=sha256,
+                state_uri=state[0],
+                state_sha256=state[1],
+                state_step=state[2],
+                batch_ids=[batch.batch_id],
+                task_ids=batch.task_ids,
+                sample_ids=[s.sample_id for s in batch.samples],
+                dataset_cursor=int((await ctx.store.run()).get("cursor", 0)),
+                rng_state=await actor.rng_state.remote(),
+                config_hash=config.hash(),
+                samples=len(batch.samples),
+                min_sample_version=min(s.policy_version for s in batch.samples),
+                reward_mean=sum(s.reward for s in batch.samples) / len(batch.samples),
+                metrics={k: float(v) for k, v in metrics.items()},
+                seconds=seconds,
+            )
+            await commit(ctx, manifest)
+            faults.crash_point("trainer.committed")
+            await announce(ctx, manifest)
             await msg.ack()
             ctx.clock.processed += 1
-            log.info("step %d: loss %.4f reward %.3f", step, metrics["loss"], record["reward_mean"])
+            log.info("step %d: loss %.4f reward %.3f", step, metrics["loss"], manifest.reward_mean)
 
 
-def step_record(
-    step: int,
-    batch: events.Batch,
-    metrics: dict[str, Any],
-    uri: str,
-    sha256: str,
-    seconds: dict[str, float],
-) -> dict[str, Any]:
-    rewards = [s.reward for s in batch.samples]
-    return {
-        "step": step,
-        "policy_version": step,
-        "batch_id": batch.batch_id,
-        "task_ids": batch.task_ids,
-        "sample_ids": [s.sample_id for s in batch.samples],
-        "samples": len(batch.samples),
-        "min_sample_version": min(s.policy_version for s in batch.samples),
-        "reward_mean": sum(rewards) / len(rewards),
-        "weights_uri": uri,
-        "weights_sha256": sha256,
-        "metrics": metrics,
-        "seconds": seconds,
-        "time": time.time(),
-    }
+async def resume(actor: Any, blobs: BlobStore, latest: Manifest | None) -> Manifest | None:
+    """Load the latest committed weights, optimizer state and RNG into a fresh actor."""
+    if latest is None:
+        return None
+    path = await blobs.get_dir(latest.weights_uri, latest.weights_sha256)
+    await actor.load_weights.remote(str(path))
+    if latest.state_uri and latest.state_sha256:
+        state = await blobs.get_dir(latest.state_uri, latest.state_sha256, checked=STATE_FILE)
+        await actor.load_state.remote(str(state))
+    await actor.set_rng_state.remote(latest.rng_state)
+    if latest.state_step != latest.step:
+        log.warning(
+            "resuming at step %d with optimizer moments from step %d (trainer.checkpoint_every)",
+            latest.step,
+            latest.state_step,
+        )
+    log.info("trainer resumed at step %d from %s", latest.step, latest.weights_uri)
+    return latest
 
 
-async def announce(ctx: ServiceContext, record: dict[str, Any]) -> None:
+async def commit(ctx: ServiceContext, manifest: Manifest) -> None:
+    """Commit the step; a commit whose reply was lost to a Redis restart is recognised as ours."""
+    try:
+        await ctx.manifests.commit(manifest)
+    except CommitRefused as refused:
+        ours = await ctx.manifests.get(manifest.step)
+        if ours is None or ours.weights_uri != manifest.weights_uri:
+            raise RuntimeError(f"{refused}: is another trainer serving run {ctx.run_id}?") from None
+        log.info("step %d was committed by our own retried call", manifest.step)
+
+
+async def announce(ctx: ServiceContext, manifest: Manifest) -> None:
     """Publish the weights and the step; ids make a repeat after a crash a no-op."""
-    step = record["step"]
+    step = manifest.step
     weights = events.WeightsPublished(
         run_id=ctx.run_id,
         policy_version=step,
-        uri=record["weights_uri"],
-        sha256=record["weights_sha256"],
+        uri=manifest.weights_uri,
+        sha256=manifest.weights_sha256,
         step=step,
     )
     await ctx.bus.publish(ctx.subjects.weights, weights, msg_id=f"weights/v{step}")
-    metrics = record["metrics"]
+    metrics = manifest.metrics
     committed = events.StepCommitted(
         run_id=ctx.run_id,
         policy_version=step,
         step=step,
-        batch_id=record["batch_id"],
-        task_ids=record["task_ids"],
-        sample_ids=record["sample_ids"],
-        reward_mean=record["reward_mean"],
-        loss=float(metrics["loss"]),
-        grad_norm=float(metrics.get("grad_norm", 0.0)),
-        kl=float(metrics.get("kl", 0.0)),
-        seconds=record["seconds"],
+        batch_id=manifest.batch_ids[0],
+        task_ids=manifest.task_ids,
+        sample_ids=manifest.sample_ids,
+        reward_mean=manifest.reward_mean,
+        loss=metrics["loss"],
+        grad_norm=metrics.get("grad_norm", 0.0),
+        kl=metrics.get("kl", 0.0),
+        seconds=manifest.seconds,
     )
     await ctx.bus.publish(ctx.subjects.steps, committed, msg_id=f"step/{step}")

@@ -52,7 +52,7 @@ async def test_ensure_topology_is_idempotent(bus: Bus) -> None:
     await bus.ensure_topology()  # a restarted coordinator: nothing is recreated or purged
     assert await snapshot() == before
     assert before["tasks"][2] == 1  # type: ignore[index]
-    assert before["rollout"] == (60, 1024)
+    assert before["rollout"] == (bus.ack_wait, 1024)
 
 
 async def test_same_msg_id_is_stored_once(bus: Bus) -> None:

@@ -39,22 +39,6 @@ async def test_create_run_refuses_another_config(store: RunStore) -> None:
     assert (await store.run())["config_hash"] == "hash-a"
 
 
-async def test_commit_step_once_per_batch(store: RunStore) -> None:
-    await store.create_run("h", "{}")
-    assert await store.commit_step(1, {"step": 1, "batch_id": "b-1"}, "b-1") is True
-    assert await store.trained("b-1")
-    assert await store.policy_version() == 1
-    # a redelivered batch: refused, and nothing changes
-    assert await store.commit_step(2, {"step": 2, "batch_id": "b-1"}, "b-1") is False
-    assert await store.steps() == [{"step": 1, "batch_id": "b-1"}]
-    assert await store.policy_version() == 1
-    assert (await store.run())["step"] == "1"
-    assert await store.commit_step(2, {"step": 2, "batch_id": "b-2"}, "b-2") is True
-    assert [r["step"] for r in await store.steps()] == [1, 2]
-    assert await store.policy_version() == 2
-    assert not await store.trained("b-3")
-
-
 async def test_heartbeats_are_listed(store: RunStore) -> None:
     for service, instance, processed in [("reward", "h-1", 3), ("reward", "h-2", 4)]:
         await store.heartbeat(
@@ -93,6 +77,18 @@ async def test_heartbeats_are_listed(store: RunStore) -> None:
 async def test_counters(store: RunStore) -> None:
     await store.count_dead_letter("pickle")
     await store.count_dead_letter("pickle")
-    await store.count_filtered("stale")
+    assert await store.record_filtered("t1", "stale") is True
+    assert await store.record_filtered("t1", "stale") is False  # a redelivered group: once
+    assert await store.record_filtered("t2", "zero_variance") is True
     assert await store.dead_letters() == {"pickle": 2}
-    assert await store.filtered() == {"stale": 1}
+    assert await store.filtered() == {"stale": 1, "zero_variance": 1}
+    assert await store.filtered_groups() == 2
+
+
+async def test_batch_plans_survive_for_a_restarted_buffer(store: RunStore) -> None:
+    assert await store.batch_plans(["t1", "t2", "t3"]) == {}
+    await store.plan_batch("b-1", ["t1", "t2"])
+    plans = await store.batch_plans(["t1", "t3", "t2"])
+    assert plans == {"t1": ("b-1", ["t1", "t2"], False), "t2": ("b-1", ["t1", "t2"], False)}
+    await store.mark_published("b-1", ["t1", "t2"])
+    assert (await store.batch_plans(["t2"]))["t2"] == ("b-1", ["t1", "t2"], True)

@@ -12,6 +12,7 @@ honest CPU analogue of mixed-precision training with fp32 master weights; saved 
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import time
@@ -37,6 +38,7 @@ PAD_ID = 0
 real position see it, and ``loss_mask`` drops the predictions made at padded positions."""
 
 WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
 
 
 class TorchTrainer:
@@ -96,6 +98,28 @@ class TorchTrainer:
         # safetensors' load_model knows that tied parameters were saved once.
         load_model(self.model, Path(directory) / WEIGHTS_FILE)
 
+    def save_state(self, directory: str) -> str:
+        """Optimizer moments and the RNG, for a resume that continues bit for bit."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        path = Path(directory) / STATE_FILE
+        state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        torch.save(state, path)
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+
+    def load_state(self, directory: str) -> None:
+        # weights_only: tensors and plain containers, nothing else is ever unpickled.
+        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def rng_state(self) -> str:
+        return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+    def set_rng_state(self, encoded: str) -> None:
+        raw = bytearray(base64.b64decode(encoded))
+        torch.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+
     def _accumulate_gradients(self, batch: TensorBatch) -> dict[str, float]:
         """Backward over micro-batches so the summed gradient equals one full-batch backward.
 
@@ -103,32 +127,40 @@ class TorchTrainer:
         losses times their share: of response tokens for ``token`` aggregation, of samples for
         ``sequence`` aggregation. Token-mean statistics are weighted by the token share.
         """
-        totals = dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean"), 0.0)
+        totals = dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean", "engine_gap"), 0.0)
         for micro in split(batch, self.trainer.micro_batch_size):
             token_share = micro.num_tokens / batch.num_tokens
             if self.grpo.loss_aggregation == "token":
                 share = token_share
             else:
                 share = micro.num_samples / batch.num_samples
-            loss, kl, stats = self._micro_batch_loss(micro)
+            loss, kl, stats, gap = self._micro_batch_loss(micro)
             (loss * share).backward()
             totals["loss"] += loss.item() * share
             totals["kl"] += kl * share
             totals["clip_frac"] += stats.clip_fraction * token_share
             totals["ratio_mean"] += stats.ratio_mean * token_share
+            totals["engine_gap"] += gap * token_share
         return totals
 
-    def _micro_batch_loss(self, micro: TensorBatch) -> tuple[Tensor, float, PolicyLossStats]:
+    def _micro_batch_loss(self, micro: TensorBatch) -> tuple[Tensor, float, PolicyLossStats, float]:
         """GRPO's loss, -J of arXiv:2402.03300 eq. 3: clipped surrogate + kl_coef * KL(pi || ref).
 
-        ``kl`` is 0 when ``kl_coef`` is 0, since no reference model is kept then.
+        ``kl`` is 0 when ``kl_coef`` is 0, since no reference model is kept then. The last value
+        is the mean |trainer - engine| logprob gap per token: the train/inference mismatch.
         """
         grpo = self.grpo
         with self._autocast():
             logprobs = token_logprobs(self.model, micro)
+        # pi_old: within one optimizer step the policy has not moved yet, so the trainer's own
+        # logprobs, detached, are exactly its pre-update policy (ratio 1, gradient A * grad log p)
+        old = logprobs.detach() if grpo.old_logprobs == "trainer" else micro.old_logprobs
+        gap = masked_aggregate(
+            (logprobs.detach() - micro.old_logprobs).abs(), micro.loss_mask, "token"
+        )
         policy_loss, stats = clipped_policy_loss(
             logprobs,
-            micro.old_logprobs,
+            old,
             micro.advantages,
             micro.loss_mask,
             grpo.eps_low,
@@ -136,12 +168,12 @@ class TorchTrainer:
             grpo.loss_aggregation,
         )
         if self.reference is None:
-            return policy_loss, 0.0, stats
+            return policy_loss, 0.0, stats, gap.item()
         with torch.no_grad(), self._autocast():
             ref_logprobs = token_logprobs(self.reference, micro)
         per_token_kl = kl_penalty(logprobs, ref_logprobs, grpo.kl_estimator)
         kl = masked_aggregate(per_token_kl, micro.loss_mask, grpo.loss_aggregation)
-        return policy_loss + grpo.kl_coef * kl, kl.item(), stats
+        return policy_loss + grpo.kl_coef * kl, kl.item(), stats, gap.item()
 
     def _autocast(self) -> AbstractContextManager[None]:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.trainer.dtype == "bf16")

@@ -1,0 +1,138 @@
+"""Checkpoint manifests: what one committed step is, written once, and the pointer to the latest.
+
+A step commits when its manifest lands in Redis. The commit is one Lua script, so Redis runs it
+atomically (a script is never interleaved with another client's commands):
+
+    refuse if any of the step's batches is in the ledger of trained batches   -> "trained"
+    refuse unless step == latest + 1 (compare-and-set: never backwards, never twice)
+    SET manifest:<step> NX                                                  -> else "exists"
+    move latest to step, add the batches to the ledger, move the run record's counters
+
+The files a manifest names (weights, optimizer state) are written under temporary names and
+renamed by the blob store before the commit, and their names are unique per attempt, so a reader
+that follows ``latest`` never sees a torn or half-overwritten checkpoint. A trainer that dies
+between its optimizer step and the commit leaves only unreferenced files behind.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from miles.store import RunKeys
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    """One committed optimizer step: enough to resume from, and to audit what was trained."""
+
+    run_id: str
+    step: int
+    policy_version: int
+    weights_uri: str
+    weights_sha256: str
+    state_uri: str | None
+    """Optimizer moments and RNG state, written every ``trainer.checkpoint_every`` steps: the
+    latest full state at or before this step (None before the first one)."""
+    state_sha256: str | None
+    state_step: int
+    batch_ids: list[str]
+    task_ids: list[str]
+    sample_ids: list[str]
+    dataset_cursor: int
+    """Training prompts the coordinator had dispatched when the step committed."""
+    rng_state: str
+    """The trainer's torch CPU generator state after the step (base64)."""
+    config_hash: str
+    time: float = msgspec.field(default_factory=time.time)
+    # What the step did: read by `miles status`, the live view and the run summary.
+    samples: int
+    min_sample_version: int
+    reward_mean: float
+    metrics: dict[str, float]
+    seconds: dict[str, float]
+
+
+class CommitRefused(RuntimeError):
+    """The commit would break an invariant; ``reason`` says which."""
+
+    def __init__(self, reason: str, latest: int) -> None:
+        super().__init__(f"step commit refused: {reason} (latest committed step is {latest})")
+        self.reason = reason
+        self.latest = latest
+
+
+_COMMIT = """
+local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
+local step = tonumber(ARGV[1])
+for i = 5, #ARGV do
+  if redis.call('SISMEMBER', KEYS[3], ARGV[i]) == 1 then return {'trained', latest} end
+end
+if step ~= latest + 1 then return {'not_next', latest} end
+if not redis.call('SET', KEYS[1], ARGV[2], 'NX') then return {'exists', latest} end
+redis.call('SET', KEYS[2], step)
+for i = 5, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
+redis.call('HSET', KEYS[4], 'step', step, 'policy_version', step)
+redis.call('HINCRBY', KEYS[4], 'trained_groups', tonumber(ARGV[3]))
+redis.call('HINCRBY', KEYS[4], 'trained_samples', tonumber(ARGV[4]))
+return {'ok', step}
+"""
+
+
+class Manifests:
+    """The manifests of one run in Redis."""
+
+    def __init__(self, client: aioredis.Redis, run_id: str) -> None:
+        self.redis = client
+        self.keys = RunKeys(run_id)
+        self._commit = client.register_script(_COMMIT)
+
+    async def commit(self, manifest: Manifest) -> None:
+        """Write the manifest once and move ``latest`` to it, or raise ``CommitRefused``."""
+        keys = [
+            self.keys.manifest(manifest.step),
+            self.keys.latest,
+            self.keys.trained,
+            self.keys.record,
+        ]
+        args: list[Any] = [
+            manifest.step,
+            msgspec.json.encode(manifest).decode(),
+            len(manifest.task_ids),
+            len(manifest.sample_ids),
+            *manifest.batch_ids,
+        ]
+        outcome, latest = await self._commit(keys=keys, args=args)
+        if outcome != "ok":
+            raise CommitRefused(outcome, int(latest))
+
+    async def latest_step(self) -> int:
+        return int(await self.redis.get(self.keys.latest) or 0)
+
+    async def latest(self) -> Manifest | None:
+        step = await self.latest_step()
+        return await self.get(step) if step else None
+
+    async def get(self, step: int) -> Manifest | None:
+        raw = await self.redis.get(self.keys.manifest(step))
+        return None if raw is None else msgspec.json.decode(raw, type=Manifest)
+
+    async def all(self) -> list[Manifest]:
+        """Every committed manifest, step 1 to latest."""
+        latest = await self.latest_step()
+        if not latest:
+            return []
+        rows = await self.redis.mget([self.keys.manifest(s) for s in range(1, latest + 1)])
+        return [msgspec.json.decode(row, type=Manifest) for row in rows if row is not None]
+
+    async def trained(self, batch_id: str) -> bool:
+        return bool(await self.redis.sismember(self.keys.trained, batch_id))
+
+    async def step_of(self, batch_id: str) -> Manifest | None:
+        """The committed step that consumed ``batch_id`` (a redelivered batch re-announces it)."""
+        for manifest in reversed(await self.all()):
+            if batch_id in manifest.batch_ids:
+                return manifest
+        return None

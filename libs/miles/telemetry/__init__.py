@@ -1,0 +1,41 @@
+"""Observability: OpenTelemetry traces across NATS and Prometheus metrics per process."""
+
+from miles.telemetry.metrics import (
+    BleedSide,
+    Family,
+    Metrics,
+    Phase,
+    start_metrics_server,
+)
+from miles.telemetry.tracing import (
+    current_traceparent,
+    extract,
+    inject,
+    link_from_headers,
+    link_from_traceparent,
+    linked_span,
+    links_from,
+    process_span,
+    send_span,
+    setup_tracing,
+    shutdown_tracing,
+)
+
+__all__ = [
+    "BleedSide",
+    "Family",
+    "Metrics",
+    "Phase",
+    "current_traceparent",
+    "extract",
+    "inject",
+    "link_from_headers",
+    "link_from_traceparent",
+    "linked_span",
+    "links_from",
+    "process_span",
+    "send_span",
+    "setup_tracing",
+    "shutdown_tracing",
+    "start_metrics_server",
+]

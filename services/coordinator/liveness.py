@@ -1,0 +1,49 @@
+"""Which service instances are alive, from their heartbeats on NATS.
+
+An instance is alive while its heartbeats keep coming; after ``missed`` periods of silence it is
+presumed dead and the coordinator says so once (a restarted service joins as a new instance).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from miles import events
+from miles.service import ServiceContext
+
+log = logging.getLogger("miles.coordinator")
+
+
+class Liveness:
+    def __init__(self, ctx: ServiceContext, missed: int = 3) -> None:
+        self.ctx = ctx
+        self.timeout = missed * ctx.config.coordinator.heartbeat_seconds
+        self.last_seen: dict[str, float] = {}
+        self.silent: set[str] = set()
+
+    async def start(self) -> None:
+        async def on_beat(msg) -> None:  # type: ignore[no-untyped-def]
+            try:
+                beat = events.decode(msg.data, events.Heartbeat, self.ctx.run_id)
+            except events.BadEvent as exc:
+                await self.ctx.bus.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
+                return
+            key = f"{beat.service}/{beat.instance}"
+            if key not in self.last_seen or key in self.silent:
+                log.info("%s is alive", key)
+            self.silent.discard(key)
+            self.last_seen[key] = time.monotonic()
+
+        await self.ctx.bus.nc.subscribe(self.ctx.subjects.heartbeat("*", ">"), cb=on_beat)
+
+    def check(self) -> None:
+        now = time.monotonic()
+        for key, seen in self.last_seen.items():
+            if key not in self.silent and now - seen > self.timeout:
+                self.silent.add(key)
+                log.warning("%s silent for %.0fs: presumed dead", key, now - seen)
+
+    @property
+    def alive(self) -> list[str]:
+        return sorted(set(self.last_seen) - self.silent)

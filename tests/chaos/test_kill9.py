@@ -1,0 +1,146 @@
+"""Kill -9 one piece of a running loop; the run must finish its steps with nothing lost.
+
+Each service dies at a named kill point (libs/miles/faults.py: it SIGKILLs itself there) and
+`miles run`'s supervisor starts it again alone; nats-server and redis-server are SIGKILLed from
+outside mid-run and restarted on the same store and AOF. After each run, the accounting of
+tests/chaos/accounting.py must show no lost and no unexpected task, no sample in two steps,
+strictly increasing policy versions, the staleness bound kept and all steps committed.
+
+The runs are strict on-policy (max_staleness 0) with fixed seeds, so every run, faults or not,
+must commit bit-identical weights at every step: the baseline's sha256s are the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from miles import embedded
+from miles.store import RunKeys
+
+from .accounting import Audit, audit
+from .conftest import STEPS, Chaos, Finished
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+SERVICE_KILLS = [
+    pytest.param("coordinator.dispatched@7", "coordinator", id="coordinator-after-dispatch"),
+    pytest.param("rollout.generating@2", "rollout", id="rollout-mid-generation"),
+    pytest.param("reward.mid_batch@5", "reward", id="reward-mid-batch"),
+    pytest.param("buffer.holding@3", "buffer", id="buffer-holding-groups"),
+    pytest.param("buffer.published@2", "buffer", id="buffer-published-not-acked"),
+    pytest.param("trainer.stepped@3", "trainer", id="trainer-before-commit"),
+    pytest.param("trainer.committed@2", "trainer", id="trainer-committed-not-acked"),
+]
+
+
+def check(chaos: Chaos, finished: Finished) -> list[str]:
+    """The invariants; returns the sha256 of the weights of every committed step."""
+    assert finished.returncode == 0, finished.output[-4000:]
+
+    async def read() -> Audit:
+        client = aioredis.Redis.from_url(chaos.redis.url, decode_responses=True)
+        try:
+            return await audit(chaos.nats.url, client, finished.run_id)
+        finally:
+            await client.aclose()
+
+    found = asyncio.run(read())
+    assert found.violations(STEPS, max_staleness=0) == []
+    assert found.acknowledged, "no task was dispatched: the accounting saw nothing"
+    assert not found.dead
+    return [m.weights_sha256 for m in found.manifests]
+
+
+@pytest.fixture(scope="module")
+def baseline(chaos: Chaos) -> list[str]:
+    return check(chaos, chaos.run("baseline"))
+
+
+@pytest.mark.parametrize(("point", "service"), SERVICE_KILLS)
+def test_service_killed_at(chaos: Chaos, baseline: list[str], point: str, service: str) -> None:
+    run_id = point.split("@")[0].replace(".", "-")
+    finished = chaos.run(run_id, crash_at=point)
+    assert chaos.marker(run_id).exists(), f"{point} was never reached: nothing was tested"
+    assert finished.summary["restarts"][service] >= 1
+    weights = check(chaos, finished)
+    assert weights == baseline, "a fault changed what was trained"
+
+
+def _wait_for_step(redis_url: str, run_id: str, step: int) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if int(client.get(RunKeys(run_id).latest) or 0) >= step:
+            break
+        time.sleep(0.2)
+    client.close()
+
+
+def _kill_when(chaos: Chaos, run_id: str, server: str, at_step: int) -> None:
+    """SIGKILL the server once the run committed ``at_step``; start it again on its store."""
+    target = chaos.nats if server == "nats" else chaos.redis
+    _wait_for_step(chaos.redis.url, run_id, at_step)
+    target.stop(kill=True)
+    time.sleep(1.0)
+    target.restart()
+
+
+@pytest.mark.parametrize("server", ["nats", "redis"])
+def test_server_killed_and_restarted_on_its_store(
+    chaos: Chaos, baseline: list[str], server: str
+) -> None:
+    run_id = f"{server}-kill"
+    finished = chaos.run(run_id, during=lambda _: _kill_when(chaos, run_id, server, at_step=2))
+    weights = check(chaos, finished)
+    assert weights == baseline
+
+
+def test_interrupted_run_resumes_from_its_latest_manifest(
+    chaos: Chaos, baseline: list[str]
+) -> None:
+    """Ctrl-C `miles run` mid-run (embedded servers), then `miles run --resume`: the same run
+    id goes on from the latest manifest, no step repeated, the dataset cursor kept."""
+    run_id = "resumed"
+    run_dir = chaos.root / run_id
+
+    def interrupt(process: subprocess.Popen[str]) -> None:
+        while (
+            not (run_dir / "config.json").exists()
+            or "redis://" not in (run_dir / "config.json").read_text()
+        ):
+            time.sleep(0.2)
+        url = json.loads((run_dir / "config.json").read_text())["infra"]["redis_url"]
+        _wait_for_step(url, run_id, 2)
+        process.send_signal(signal.SIGINT)
+
+    first = chaos.run(run_id, during=interrupt, embedded_servers=True)
+    assert first.returncode == 130, first.output[-3000:]
+    assert f"miles run --resume {run_id}" in first.output
+    second = chaos.run(run_id, embedded_servers=True, resume=True)
+    assert second.returncode == 0, second.output[-4000:]
+    assert "resuming run" in second.output
+    trainer_log = second.log("trainer")
+    assert "trainer resumed at step" in trainer_log
+    resumed_at = int(trainer_log.split("trainer resumed at step ")[-1].split()[0])
+    assert 2 <= resumed_at < STEPS
+
+    # Read the run back from its own store and AOF, as the resumed run left them.
+    nats = embedded.start_nats(run_dir / "nats")
+    store = embedded.start_redis(run_dir / "redis")
+    try:
+        weights = check(
+            Chaos(nats, store, chaos.ray_address, chaos.root),
+            Finished(run_id, run_dir, 0, "", {}),
+        )
+    finally:
+        nats.stop()
+        store.stop()
+    assert weights == baseline
