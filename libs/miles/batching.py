@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 
@@ -10,10 +11,16 @@ from miles.algo.grpo import group_advantages
 from miles.config import BufferConfig, GRPOConfig
 from miles.events import Batch, ScoredGroup, TrainSample
 
+BAD_INPUT = frozenset({"non_finite_reward", "future_version"})
+"""Reasons that mean a producer is broken, not that the group is merely useless: these groups
+are dead-lettered for an operator as well as filtered."""
+
 
 def filter_reason(group: ScoredGroup, trainer_version: int, buffer: BufferConfig) -> str | None:
     """Why a scored group cannot be trained on, or None when it can."""
     valid = [s for s in group.samples if not s.failed]
+    if any(not math.isfinite(s.reward) for s in valid):
+        return "non_finite_reward"  # the reward service marks these failed: a bad producer
     if len(valid) < 2:
         return "failed"  # fewer than two scored samples: no group baseline
     if group.policy_version > trainer_version:

@@ -59,6 +59,13 @@ DEDUPE_WINDOW_SECONDS = 300.0
 """Longer than the longest publish retry (``publish`` gives up after ~60 s)."""
 
 
+PUBLISH_ACK_SECONDS = 2.0
+
+
+class Oversized(ValueError):
+    """An event larger than ``infra.max_payload_bytes``; it was dead-lettered, not published."""
+
+
 class Unreachable(RuntimeError):
     """NATS (or Redis) is not there; the message says what to set."""
 
@@ -211,15 +218,25 @@ class Bus:
                 delay = min(delay * 2, 5.0)
 
     async def publish(self, subject: str, event: events.Event, msg_id: str) -> None:
-        """Publish and wait for JetStream's ack; retry with backoff while NATS is away."""
+        """Publish and wait for JetStream's ack; retry with backoff while NATS is away.
+
+        Each attempt waits ``PUBLISH_ACK_SECONDS`` for the ack: a publish lost with a dying
+        server is retried soon, and the retry is deduplicated by ``msg_id`` if the first one
+        landed after all. An event over ``max_payload`` is dead-lettered and ``Oversized`` raised:
+        the caller drops (and acks) the input that produced it instead of crash-looping on it.
+        """
         payload = events.encode(event)
         if len(payload) > self.max_payload:
-            raise ValueError(f"{type(event).__name__} is {len(payload)} bytes, over max_payload")
+            detail = f"{type(event).__name__} is {len(payload)} bytes, over max_payload"
+            await self.dead_letter(subject, payload, "oversized", detail)
+            raise Oversized(detail)
         delay = 0.1
         deadline = time.monotonic() + 60
         while True:
             try:
-                await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
+                await self.js.publish(
+                    subject, payload, timeout=PUBLISH_ACK_SECONDS, headers={"Nats-Msg-Id": msg_id}
+                )
                 return
             except NATS_AWAY as exc:
                 if time.monotonic() > deadline:
@@ -258,19 +275,30 @@ class Bus:
         return await hold(work, messages, every=self.ack_wait / 3)
 
     async def dead_letter(self, subject: str, payload: bytes, reason: str, detail: str) -> None:
-        """Record a rejected input where an operator can find it, then move on."""
+        """Record a rejected input where an operator can find it, then move on.
+
+        The record keeps the head of the payload (never decoded further, never unpickled), small
+        enough to fit under ``max_payload`` itself. Failing to record is logged, not raised: a
+        dead letter must never turn into a crash loop.
+        """
         self.dead_letters += 1
         log.warning("dead-lettered a message from %s: %s: %s", subject, reason, detail[:200])
+        room = max(0, min(4096, self.max_payload // 2))
         record = DeadLetter(
             run_id=self.run_id,
             service=self.service,
             reason=reason,
-            detail=detail[:2000],
+            detail=detail[: room // 4],
             subject=subject,
-            payload=payload[:4096],
+            payload=payload[:room],
             time=time.time(),
         )
-        await self.js.publish(self.subjects.dead(self.service), msgspec.msgpack.encode(record))
+        try:
+            await self.js.publish(
+                self.subjects.dead(self.service), msgspec.msgpack.encode(record), timeout=10
+            )
+        except (*NATS_AWAY, nats.js.errors.APIError) as exc:
+            log.error("could not record the dead letter (%s); counting it only", exc)
         if self.on_dead_letter is not None:
             await self.on_dead_letter(reason)
 

@@ -31,8 +31,11 @@ async def score(sample: Sample, rewards: Mapping[str, Callable[..., Any]]) -> Sa
     return sample
 
 
+MAX_ERROR_CHARS = 1000
+
+
 def _failed(sample: Sample, error: str) -> Sample:
     sample.failed = True
-    sample.error = error
+    sample.error = error[:MAX_ERROR_CHARS]
     sample.reward = 0.0
     return sample

@@ -44,13 +44,17 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
         table.add_row(key, str(value))
     console.print(table)
     services = Table(title="services")
-    for column in ("instance", "last heartbeat", "busy s", "waiting s", "processed"):
+    for column in ("instance", "state", "last heartbeat", "busy s", "waiting s", "processed"):
         services.add_column(column)
     now = time.time()
+    period = float(view.config.get("coordinator", {}).get("heartbeat_seconds", 2.0))
     for name, beat in sorted(view.services.items()):
+        age = now - beat["time"]
+        state = "alive" if age < 3 * period else "silent"  # the coordinator's rule, too
         services.add_row(
             name,
-            f"{now - beat['time']:.1f} s ago",
+            state if view.run.get("status") == "running" else "stopped",
+            f"{age:.1f} s ago",
             f"{beat['busy_seconds']:.1f}",
             f"{beat['wait_seconds']:.1f}",
             str(beat["processed"]),

@@ -4,7 +4,8 @@ loop:
     pull scored groups; a redelivered group replaces its stale handle (deduplicated by task id)
     a group the buffer batched before a crash: ack it if its batch was published, else hold it
         until its whole batch is back and publish that batch again, unchanged
-    drop what cannot be trained (failed, stale, zero variance): record why, tell the coordinator
+    drop what cannot be trained (failed, stale, zero variance): record why, tell the coordinator;
+        a group from a broken producer (non-finite reward, future version) is dead-lettered too
     hold the rest unacked (JetStream redelivers them to a restarted buffer)
     every B held groups, oldest first: record the batch's groups in Redis, publish the batch,
         mark it published, then ack its groups
@@ -18,7 +19,8 @@ import time
 from nats.aio.msg import Msg
 
 from miles import events, faults
-from miles.batching import dispatch_order, filter_reason, make_batch
+from miles.batching import BAD_INPUT, dispatch_order, filter_reason, make_batch
+from miles.bus import Oversized
 from miles.service import ServiceContext
 from miles.subjects import BUFFER_CONSUMER
 
@@ -58,6 +60,8 @@ async def main(ctx: ServiceContext) -> None:
                 reason = filter_reason(group, version, config.buffer)
                 if reason is not None and task_id not in replaying:
                     del pending[task_id]
+                    if reason in BAD_INPUT:
+                        await bus.dead_letter(msg.subject, msg.data, reason, f"group {task_id}")
                     await drop(ctx, group, reason)
                     await msg.ack()
             ready = sorted((t for t in pending if t not in replaying), key=dispatch_order)
@@ -65,7 +69,13 @@ async def main(ctx: ServiceContext) -> None:
                 faults.crash_point("buffer.holding")
             while len(ready) >= size:
                 chosen, ready = ready[:size], ready[size:]
-                await publish_batch(ctx, [pending.pop(task_id) for task_id in chosen])
+                held = [pending.pop(task_id) for task_id in chosen]
+                try:
+                    await publish_batch(ctx, held)
+                except Oversized:  # dead-lettered: its groups cannot be trained this way
+                    for group, msg in held:
+                        await drop(ctx, group, "oversized")
+                        await msg.ack()
 
             if time.monotonic() - last_touch > bus.ack_wait / 3:  # held groups stay ours
                 for _, msg in pending.values():

@@ -12,6 +12,7 @@ import logging
 import time
 
 from miles import events, faults
+from miles.bus import Oversized
 from miles.scoring import score
 from miles.service import ServiceContext
 from miles.subjects import REWARD_CONSUMER
@@ -45,7 +46,11 @@ async def main(ctx: ServiceContext) -> None:
                 subject = (
                     ctx.subjects.scored if group.split == "train" else ctx.subjects.eval_scored
                 )
-                await bus.publish(subject, scored, msg_id=f"scored/{group.task_id}")
+                try:
+                    await bus.publish(subject, scored, msg_id=f"scored/{group.task_id}")
+                except Oversized:  # dead-lettered; the coordinator dispatches a replacement
+                    if group.split == "train":
+                        await ctx.store.record_filtered(group.task_id, "oversized")
                 faults.crash_point("reward.mid_batch")
                 await msg.ack()
                 ctx.clock.processed += 1

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from miles import events, faults, raycluster
 from miles.blobs import BlobStore
+from miles.bus import Oversized
 from miles.generation import EngineHandle, rollout_many
 from miles.service import ServiceContext
 from miles.subjects import ROLLOUT_CONSUMER
@@ -89,7 +90,11 @@ async def generate_and_publish(
                 engine=engine,
                 generate_seconds=seconds,
             )
-            await ctx.bus.publish(ctx.subjects.generated, group, msg_id=f"gen/{task.task_id}")
+            try:
+                await ctx.bus.publish(ctx.subjects.generated, group, msg_id=f"gen/{task.task_id}")
+            except Oversized:  # dead-lettered; the coordinator dispatches a replacement
+                if task.split == "train":
+                    await ctx.store.record_filtered(task.task_id, "oversized")
             await msg.ack()
             ctx.clock.processed += 1
 

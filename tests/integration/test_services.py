@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,6 +57,8 @@ def exact(sample: miles.Sample) -> float:
         raise RuntimeError("reward exploded")
     if sample.label == "nan":
         return math.nan
+    if sample.label == "verbose":
+        raise RuntimeError("a very long complaint " * 60)
     return float(sample.response_text == sample.label)
 """
 
@@ -273,6 +276,28 @@ async def test_reward_failures_mark_samples_and_the_service_goes_on(harness: Har
     h.check_alive()
 
 
+async def test_oversized_output_is_dead_lettered_counted_and_its_input_acked(
+    nats_server: embedded.Server, redis_server: embedded.Server, tmp_path: Path
+) -> None:
+    config = _config(nats_server, redis_server, "infra.max_payload_bytes=2048")
+    h = await Harness.open(config, _recipe(tmp_path), tmp_path)
+    try:
+        h.start("reward", reward_main)
+        verbose = [_sample("t0", i, label="verbose") for i in range(4)]  # errors make it big
+        await h.publish(h.subjects.generated, _generated(h, "t0", verbose))
+        await h.publish(h.subjects.generated, _generated(h, "t1", [_sample("t1", 0)]))
+        [scored] = await h.collect(
+            await h.bus.pull("scored", BUFFER_CONSUMER), events.ScoredGroup, 1
+        )
+        assert scored.task_id == "t1"  # the service went on
+        await h.wait_for(lambda: _settled(h, "generated", REWARD_CONSUMER))
+        assert await h.store.dead_letters() == {"oversized": 1}
+        assert await h.store.filtered() == {"oversized": 1}  # the coordinator replaces it
+        assert await h.stored("dead") == 1
+    finally:
+        await h.close()
+
+
 # --- buffer -------------------------------------------------------------------------------------
 
 
@@ -305,21 +330,58 @@ async def test_buffer_batches_groups_and_acks_after_publishing(harness: Harness)
     assert [s.sample_id for s in batch.samples] == ["a/0", "a/1", "b/0", "b/1", "b/2"]
 
 
-async def test_buffer_filters_zero_variance_and_future_groups(harness: Harness) -> None:
+async def test_buffer_filters_zero_variance_and_rejects_bad_groups(harness: Harness) -> None:
     h = harness
     h.start("buffer", buffer_main)
     await h.publish(h.subjects.scored, _scored(h, "flat", [1, 1]))
     await h.publish(h.subjects.scored, _scored(h, "ahead", [1, 0], version=5))  # run is at v0
+    await h.publish(h.subjects.scored, _scored(h, "nan", [1, math.nan]))  # not marked failed
+    await h.publish(h.subjects.scored, _scored(h, "inf", [math.inf, 0]))
 
     ledger = await h.bus.pull("ledger", COORDINATOR_CONSUMER)
-    notices = await h.collect(ledger, events.GroupFiltered, 2)
+    notices = await h.collect(ledger, events.GroupFiltered, 4)
     assert {n.task_id: n.reason for n in notices} == {
         "flat": "zero_variance",
         "ahead": "future_version",
+        "nan": "non_finite_reward",
+        "inf": "non_finite_reward",
     }
     await h.wait_for(lambda: _settled(h, "scored", BUFFER_CONSUMER))
-    assert await h.store.filtered() == {"zero_variance": 1, "future_version": 1}
+    assert await h.store.filtered() == {
+        "zero_variance": 1,
+        "future_version": 1,
+        "non_finite_reward": 2,
+    }
+    # A filtered group is a normal outcome; a bad one is also dead-lettered for an operator.
+    assert await h.store.dead_letters() == {"future_version": 1, "non_finite_reward": 2}
+    assert await h.stored("dead") == 3
     assert await h.stored("batches") == 0
+    h.check_alive()
+
+
+async def test_a_restarted_buffer_publishes_its_planned_batch_unchanged(
+    harness: Harness,
+) -> None:
+    """Batches planned before a crash are rebuilt as planned, not regrouped; groups of a batch
+    that was published already are acked, never batched twice."""
+    h = harness
+    await h.store.plan_batch("b-planned", ["a", "c"])  # planned, then the buffer died
+    await h.store.plan_batch("b-done", ["d", "e"])
+    await h.store.mark_published("b-done", ["d", "e"])
+    for task_id in ("a", "b", "c", "d"):
+        await h.publish(h.subjects.scored, _scored(h, task_id, [1, 0]))
+    h.start("buffer", buffer_main)
+
+    batches = await h.bus.pull("batches", TRAINER_CONSUMER)
+    [batch] = await h.collect(batches, events.Batch, 1)
+    assert batch.task_ids == ["a", "c"]  # dispatch order alone would have picked a and b
+    await h.nothing_more(batches, 1.0)  # b waits for a partner; d is in a published batch
+
+    async def only_b_held() -> bool:
+        info = await h.consumer("scored", BUFFER_CONSUMER)
+        return info.num_pending == 0 and info.num_ack_pending == 1
+
+    await h.wait_for(only_b_held)
 
 
 # --- coordinator --------------------------------------------------------------------------------
