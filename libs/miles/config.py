@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -45,6 +45,35 @@ class RolloutConfig(_Section):
     engine_threads: int = Field(2, ge=1, description="torch threads inside one CPU engine.")
     engine_max_restarts: int = Field(
         3, ge=0, description="Ray restarts of a dead engine actor before it is replaced."
+    )
+    engine: Literal["local", "sglang"] = Field(
+        "local",
+        description="Every engine is its own server process driven over SGLang's HTTP API: "
+        "`sglang` runs `python -m sglang.launch_server` (GPU), `local` miles' CPU server that "
+        "serves the same routes on a transformers model.",
+    )
+    engine_num_gpus: float = Field(0, ge=0, description="Ray GPUs held by each engine actor.")
+    engine_host: str = Field(
+        "127.0.0.1",
+        description="Address engines bind; 0.0.0.0 on a cluster (clients use the node's IP).",
+    )
+    sglang_args: list[str] = Field(
+        default_factory=list,
+        description="Extra `sglang.launch_server` arguments, e.g. ['--tp', '2', '--mem-fraction-"
+        "static', '0.8'].",
+    )
+    straggler_fraction: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="An engine whose tokens/s stays under this fraction of the fleet's median "
+        "is a straggler: flagged, drained and restarted.",
+    )
+    straggler_patience: int = Field(
+        3, ge=1, description="Consecutive slow rounds before an engine is flagged."
+    )
+    straggler_restarts: int = Field(
+        2, ge=0, description="Restarts of a straggler before it stays drained."
     )
     group_size: int = Field(8, ge=1, description="Samples per prompt (the G of GRPO).")
     max_new_tokens: int = Field(16, ge=1)
@@ -124,6 +153,20 @@ class InfraConfig(_Section):
         description="JetStream AckWait: a dead consumer's messages are redelivered after this. "
         "Live consumers send in_progress every third of it during long work.",
     )
+    metrics_port: int | None = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of this service's Prometheus /metrics. 0: a free port (advertised in "
+        "its heartbeat; `miles run` gives each service its own); None: no /metrics server.",
+    )
+    metrics_addr: str = Field("0.0.0.0", description="Address the /metrics server binds.")
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _metrics_off(cls, value: object) -> object:
+        """TOML has no null: ``metrics_port = "off"`` (or ``--set infra.metrics_port=off``)."""
+        return None if value in ("off", "none") else value
 
 
 class MilesConfig(_Section):

@@ -97,6 +97,10 @@ class Batch(Event, tag="batch"):
     batch_id: str
     task_ids: list[str]
     samples: list[TrainSample]
+    traceparents: list[str] = []
+    """W3C ``traceparent`` of each group's trace (in ``task_ids`` order, where tracing was on):
+    a batch gathers many traces, so the trainer's step links to them instead of joining one.
+    Optional, so batches from before it existed still decode."""
 
 
 class GroupFiltered(Event, tag="filtered"):
@@ -145,6 +149,21 @@ class Heartbeat(Event, tag="heartbeat"):
     busy_seconds: float
     wait_seconds: float
     processed: int
+    metrics_port: int = 0
+    """Where this instance serves Prometheus ``/metrics`` (0: it does not)."""
+    metrics: dict[str, float] = {}
+    """The values its ``/metrics`` exports now, keyed like the exposition without ``run_id``
+    and ``service`` (``miles_bleed_ratio{side="trainer_waiting_for_data"}``): what `miles
+    status`, the live view and ``summary.json`` read, so they agree with Prometheus."""
+
+
+class EngineFlagged(Event, tag="engine_flagged"):
+    """A rollout engine found straggling: far under its fleet's median throughput."""
+
+    engine: str
+    tokens_per_second: float
+    fleet_median: float
+    action: str
 
 
 AnyEvent = (
@@ -157,12 +176,17 @@ AnyEvent = (
     | StepCommitted
     | Control
     | Heartbeat
+    | EngineFlagged
 )
 
 E = TypeVar("E", bound=Event)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
+
+
+BAD_EVENT_REASONS = ("pickle", "schema", "not_msgpack", "schema_version", "run_id", "type")
+"""Every ``BadEvent.reason`` that ``decode`` gives."""
 
 
 class BadEvent(ValueError):

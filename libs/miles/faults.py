@@ -14,6 +14,9 @@ Points (each names what the process holds when it dies):
 - ``buffer.published``        a batch published, its groups not yet acked
 - ``trainer.stepped``         optimizer step done, weights not saved, manifest not committed
 - ``trainer.committed``       manifest committed, batch not acked, weights not announced
+
+``MILES_SLOW_ENGINE=<index>:<seconds>`` slows one engine of each rollout replica down: its
+server sleeps that long before every generate (the straggler test's engine).
 """
 
 from __future__ import annotations
@@ -60,3 +63,10 @@ def crash_soon(point: str, delay: float = 0.2) -> None:
     """SIGKILL this process ``delay`` seconds from now, while the caller's work is under way."""
     if _armed(point):
         asyncio.get_running_loop().call_later(delay, _die)
+
+
+def engine_delay(index: int) -> float:
+    """Seconds the engine ``index`` should waste per generate call (0 unless injected)."""
+    spec = os.environ.get("MILES_SLOW_ENGINE", "")
+    slow, _, seconds = spec.partition(":")
+    return float(seconds or 0) if spec and int(slow) == index else 0.0

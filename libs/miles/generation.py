@@ -7,6 +7,7 @@ call ``engine.generate`` as many times as it likes (multi-turn, tools, self-corr
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,16 +21,25 @@ class EngineReset(RuntimeError):
 
 
 class EngineHandle:
-    """One engine as a rollout function sees it: async generate plus the tokenizer."""
+    """One engine as a rollout function sees it: async ``generate`` plus the tokenizer.
 
-    def __init__(self, actor: Any, tokenizer: Any, name: str, weight_version: int) -> None:
-        self.actor = actor
+    ``client`` speaks SGLang's HTTP API to the engine's own server process. The handle counts
+    the tokens it generated and the seconds it took, the fleet's throughput signal.
+    """
+
+    def __init__(self, client: Any, tokenizer: Any, name: str, weight_version: int) -> None:
+        self.client = client
         self.tokenizer = tokenizer
         self.name = name
         self.weight_version = weight_version
+        self.tokens = 0
+        self.seconds = 0.0
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
-        outputs: list[GenerateOutput] = await self.actor.generate.remote(requests)
+        start = time.monotonic()
+        outputs: list[GenerateOutput] = await self.client.generate(requests)
+        self.seconds += time.monotonic() - start
+        self.tokens += sum(len(o.output_ids) for o in outputs)
         stale = [o.weight_version for o in outputs if o.weight_version < self.weight_version]
         if stale:
             raise EngineReset(

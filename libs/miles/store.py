@@ -14,6 +14,8 @@ Keys, all under ``miles:run:<run_id>``:
 - ``:dead``           reason -> count of dead-lettered inputs
 - ``:filtered``       reason -> count of groups the buffer dropped
 - ``:filtered_tasks`` task id -> why the buffer dropped its group (hash; counted once)
+- ``:restarts``       service -> how often `miles run` restarted it (the coordinator exports it)
+- ``:stragglers``     engine -> how often it was flagged as a straggler
 ``miles:runs`` is a sorted set of run ids by start time.
 """
 
@@ -60,6 +62,8 @@ class RunKeys:
         self.dead = f"{self.record}:dead"
         self.filtered = f"{self.record}:filtered"
         self.filtered_tasks = f"{self.record}:filtered_tasks"
+        self.restarts = f"{self.record}:restarts"
+        self.stragglers = f"{self.record}:stragglers"
 
     def manifest(self, step: int) -> str:
         return f"{self.record}:manifest:{step}"
@@ -173,6 +177,15 @@ class RunStore:
 
     async def dead_letters(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.dead)).items()}
+
+    async def restarts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.restarts)).items()}
+
+    async def count_straggler(self, engine: str) -> None:
+        await self.redis.hincrby(self.keys.stragglers, engine, 1)
+
+    async def stragglers(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.stragglers)).items()}
 
     async def record_filtered(self, task_id: str, reason: str) -> bool:
         """Remember why a group was dropped; counted once however often it is redelivered."""

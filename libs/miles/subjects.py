@@ -59,6 +59,11 @@ class Subjects:
     def filtered(self) -> str:
         return f"{self.root}.groups.filtered"
 
+    @property
+    def engines(self) -> str:
+        """Engine health announcements (stragglers): core NATS, for whoever watches."""
+        return f"{self.root}.engines"
+
     def control(self, command: str = "*") -> str:
         return f"{self.root}.control.{command}"
 

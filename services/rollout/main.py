@@ -33,8 +33,15 @@ async def main(ctx: ServiceContext) -> None:
     assert config.model.path is not None, "model.path is required"
     raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
     tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-    fleet = EngineFleet(config, config.model.path, tokenizer, tag=ctx.instance)
-    await fleet.wait_ready()
+    fleet = EngineFleet(
+        config,
+        config.model.path,
+        tokenizer,
+        tag=ctx.instance,
+        log_dir=ctx.run_dir / "logs",
+        on_straggler=lambda *flag: report_straggler(ctx, *flag),
+    )
+    await fleet.start()
     blobs = make_blob_store(config, bus, ctx.run_dir)
     weights = WeightsWatcher(bus)
     await weights.start()
@@ -56,8 +63,25 @@ async def main(ctx: ServiceContext) -> None:
             with ctx.clock.busy():
                 faults.crash_soon("rollout.generating")
                 await generate_and_publish(ctx, fleet, batch)
+                await fleet.check_stragglers()
     finally:
-        fleet.shutdown()
+        await fleet.shutdown()
+
+
+async def report_straggler(
+    ctx: ServiceContext, engine: EngineHandle, rate: float, median: float, action: str
+) -> None:
+    """A straggler, for operators: an event on the bus and a count in the run record."""
+    flagged = events.EngineFlagged(
+        run_id=ctx.run_id,
+        policy_version=engine.weight_version,
+        engine=engine.name,
+        tokens_per_second=rate,
+        fleet_median=median,
+        action=action,
+    )
+    await ctx.bus.nc.publish(ctx.subjects.engines, events.encode(flagged))
+    await ctx.store.count_straggler(engine.name)
 
 
 async def sync_weights(fleet: EngineFleet, weights: WeightsWatcher, blobs: BlobStore) -> None:
@@ -70,11 +94,12 @@ async def sync_weights(fleet: EngineFleet, weights: WeightsWatcher, blobs: BlobS
 async def generate_and_publish(
     ctx: ServiceContext, fleet: EngineFleet, batch: list[tuple[events.Task, Msg]]
 ) -> None:
-    shares = [batch[i :: len(fleet.engines)] for i in range(len(fleet.engines))]
+    engines = fleet.active
+    shares = [batch[i :: len(engines)] for i in range(len(engines))]
     work = asyncio.gather(
         *(
             fleet.run(engine, lambda e, share=share: generate(ctx, e, share))  # type: ignore[misc]
-            for engine, share in zip(fleet.engines, shares, strict=True)
+            for engine, share in zip(engines, shares, strict=True)
         )
     )
     results = await ctx.bus.hold(work, [msg for _, msg in batch])

@@ -1,11 +1,15 @@
-"""A dead engine is recovered without restarting the rollout service: restarted by Ray (or
-replaced when its restarts are used up), re-synced to the fleet's weights, and the interrupted
-generation retried with the same seeds, so it returns the same tokens."""
+"""The rollout's engines, each its own server process driven over SGLang's HTTP API.
+
+A dead engine is recovered without restarting the rollout service (its server started again,
+or its actor replaced), re-synced to the fleet's weights, and the interrupted generation
+retried with the same seeds, so it returns the same tokens. A slow engine is found, flagged,
+drained and restarted."""
 
 from __future__ import annotations
 
-import asyncio
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ import ray
 from transformers import AutoTokenizer
 
 from miles import events, raycluster
-from miles.config import load_config
+from miles.config import MilesConfig, load_config
 from miles.generation import EngineHandle, rollout_many
 from services.rollout.fleet import EngineFleet
 
@@ -32,53 +36,94 @@ def _task(index: int) -> events.Task:
     )
 
 
-async def _gone(engine: EngineHandle) -> None:
-    """ray.kill is asynchronous: wait until the old worker stopped answering."""
-    for _ in range(100):
-        try:
-            await engine.actor.health.remote()
-        except ray.exceptions.RayActorError:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the engine never died")
-
-
-@pytest.mark.parametrize("restarts", [1, 0], ids=["restarted-by-ray", "replaced"])
-async def test_dead_engine_is_recovered_and_resynced(
-    ray_cluster: str, tiny_model: Path, tmp_path: Path, restarts: int
-) -> None:
-    raycluster.connect(ray_cluster, namespace="fleet-test")
-    config = load_config(
+def _config(tiny_model: Path, *overrides: str) -> MilesConfig:
+    return load_config(
         overrides=[
             f'model.path="{tiny_model}"',
             "rollout.max_new_tokens=4",
             "rollout.engine_threads=1",
             "rollout.engine_num_cpus=0.5",
-            f"rollout.engine_max_restarts={restarts}",
+            *overrides,
         ]
     )
-    fleet = EngineFleet(config, tiny_model, AutoTokenizer.from_pretrained(tiny_model), tag="t")
+
+
+async def _fleet(config: MilesConfig, tiny_model: Path, tmp_path: Path, **kw) -> EngineFleet:  # type: ignore[no-untyped-def]
+    fleet = EngineFleet(
+        config, tiny_model, AutoTokenizer.from_pretrained(tiny_model), "t", tmp_path, **kw
+    )
+    await fleet.start()
+    weights = tmp_path / "v3"
+    shutil.copytree(tiny_model, weights)
+    await fleet.load(weights, 3)
+    return fleet
+
+
+async def test_dead_engine_is_recovered_and_resynced(
+    ray_cluster: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    raycluster.connect(ray_cluster, namespace="fleet-test")
+    config = _config(tiny_model)
+    fleet = await _fleet(config, tiny_model, tmp_path)
     try:
-        await fleet.wait_ready()
-        weights = tmp_path / "v3"
-        shutil.copytree(tiny_model, weights)
-        await fleet.load(weights, 3)
         [engine] = fleet.engines
 
         async def generate(e: EngineHandle) -> list[list[events.Sample]]:
             return await rollout_many(e, [_task(0), _task(1)], config.rollout)
 
-        before = await fleet.run(engine, generate)
-        ray.kill(engine.actor, no_restart=False)  # the worker process dies, as on a lost node
-        await _gone(engine)
-        after = await fleet.run(engine, generate)
+        before = await fleet.run(engine.handle, generate)
+        tokens = [s.response_ids for g in before for s in g]
 
-        assert fleet.replaced == (0 if restarts else 1)
-        assert engine.weight_version == 3
-        assert await engine.actor.weight_version.remote() == 3  # re-synced, not the base model
-        assert [s.response_ids for g in after for s in g] == [
-            s.response_ids for g in before for s in g
-        ]
+        # The server process dies (OOM killer, a crash in the engine): started again.
+        os.kill(await engine.actor.server_pid.remote(), signal.SIGKILL)
+        after = await fleet.run(engine.handle, generate)
+        assert [s.response_ids for g in after for s in g] == tokens
+        assert {s.policy_version_first for g in after for s in g} == {3}  # re-synced
+        assert fleet.replaced == 0
+
+        # The actor's worker is gone for good: a replacement actor and server.
+        ray.kill(engine.actor, no_restart=True)
+        after = await fleet.run(engine.handle, generate)
+        assert [s.response_ids for g in after for s in g] == tokens
         assert {s.policy_version_first for g in after for s in g} == {3}
+        assert fleet.replaced == 1
     finally:
-        fleet.shutdown()
+        await fleet.shutdown()
+
+
+async def test_a_slow_engine_is_flagged_drained_and_restarted(
+    ray_cluster: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raycluster.connect(ray_cluster, namespace="fleet-test")
+    monkeypatch.setenv("MILES_SLOW_ENGINE", "1:0.4")  # engine 1 sleeps 0.4 s per generate
+    config = _config(
+        tiny_model,
+        "rollout.engines=2",
+        "rollout.straggler_patience=2",
+        "rollout.straggler_restarts=1",
+    )
+    flagged: list[tuple[str, str]] = []
+
+    async def on_straggler(engine: EngineHandle, rate: float, median: float, action: str) -> None:
+        assert rate < 0.5 * median
+        flagged.append((engine.name, action))
+
+    fleet = await _fleet(config, tiny_model, tmp_path, on_straggler=on_straggler)
+    try:
+        for round_ in range(8):
+            for engine in fleet.active:
+                await fleet.run(
+                    engine, lambda e, r=round_: rollout_many(e, [_task(r)], config.rollout)
+                )
+            await fleet.check_stragglers()
+        # Flagged after 2 slow rounds and restarted (still slow: the delay is its config), then
+        # flagged again and, its one restart used, left drained: the fleet works on without it.
+        assert flagged == [
+            ("t-engine-1", "drained and restarted"),
+            ("t-engine-1", "stays drained"),
+        ]
+        assert [e.name for e in fleet.active] == ["t-engine-0"]
+        assert fleet.engines[1].restarts == 1
+        assert fleet.engines[1].handle.weight_version == 3  # re-synced after its restart
+    finally:
+        await fleet.shutdown()

@@ -97,6 +97,14 @@ EVERY_EVENT: list[events.Event] = [
         wait_seconds=3.0,
         processed=4,
     ),
+    events.EngineFlagged(
+        run_id=RUN,
+        policy_version=3,
+        engine="host-1-engine-0",
+        tokens_per_second=12.5,
+        fleet_median=80.0,
+        action="drained and restarted",
+    ),
 ]
 
 

@@ -108,6 +108,7 @@ class SGLangServerProcess:
         """Launch the server and return its base URL once ``/health`` answers 200."""
         if self._process is not None:
             raise RuntimeError(f"{self.base_url} was already started")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 self.command,
@@ -124,6 +125,12 @@ class SGLangServerProcess:
             self.stop()
             raise
         return self.base_url
+
+    def restart(self) -> str:
+        """Stop the server (if any is left) and start it again on the same port."""
+        self.stop()
+        self._process = None
+        return self.start()
 
     def _wait_healthy(self) -> None:
         assert self._process is not None
@@ -157,6 +164,10 @@ class SGLangServerProcess:
     def pid(self) -> int | None:
         """The server's process id, which is also its process group's id."""
         return None if self._process is None else self._process.pid
+
+    def server_pid(self) -> int | None:
+        """``pid`` as a method, so a Ray actor handle can ask for it."""
+        return self.pid
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -182,6 +183,8 @@ class LocalSGLangServer:
         self._live: set[str] = set()  # rids accepted and not yet answered
         self._aborted: set[str] = set()
         self._groups: dict[str, WeightUpdateGroup] = {}
+        # Fault injection for the straggler test (miles.faults): seconds added to each generate.
+        self._delay = float(os.environ.get("MILES_ENGINE_DELAY", "0") or 0)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_errors_as_json], client_max_size=1 << 30)
@@ -218,6 +221,8 @@ class LocalSGLangServer:
     async def generate(self, request: web.Request) -> web.Response:
         body = await _body(request, _Generate)
         requests, sampling = self._requests(body)
+        if self._delay:
+            await asyncio.sleep(self._delay)
         outputs, aborted = await self._generate(requests)
         with_text = body.return_text_in_logprobs
         results = [
