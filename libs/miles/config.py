@@ -53,6 +53,9 @@ class RolloutConfig(_Section):
         "serves the same routes on a transformers model.",
     )
     engine_num_gpus: float = Field(0, ge=0, description="Ray GPUs held by each engine actor.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for a replica's engine bundles."
+    )
     engine_host: str = Field(
         "127.0.0.1",
         description="Address engines bind; 0.0.0.0 on a cluster (clients use the node's IP).",
@@ -112,7 +115,14 @@ class BufferConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    backend: Literal["torch"] = "torch"
+    backend: Literal["torch", "megatron"] = Field(
+        "torch",
+        description="torch: one process, the HF model. megatron: Megatron-core GPTModel ranks "
+        "as Ray actors in a placement group (tensor/pipeline/data parallel).",
+    )
+    tensor_parallel: int = Field(1, ge=1, description="Megatron: tensor-parallel size.")
+    pipeline_parallel: int = Field(1, ge=1, description="Megatron: pipeline-parallel size.")
+    data_parallel: int = Field(1, ge=1, description="Megatron: data-parallel size.")
     lr: float = Field(1e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -120,6 +130,8 @@ class TrainerConfig(_Section):
     micro_batch_size: int = Field(32, ge=1, description="Samples per forward/backward.")
     dtype: Literal["fp32", "bf16"] = "fp32"
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the trainer actor.")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs reserved for the trainer.")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="Where the torch backend trains.")
     threads: int = Field(2, ge=1, description="torch threads inside the trainer actor.")
     checkpoint_every: int = Field(
         1,

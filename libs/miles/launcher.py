@@ -2,11 +2,12 @@
 
 resolve the config and run the recipe's @miles.setup (or, with --resume, read both back)
 start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head
-start the five services with `miles serve`
+start the five services with `miles serve`, each with its own /metrics port (metrics_ports.json)
 supervise: restart a crashed service, or a crashed embedded server on its own store, with
     backoff, a log line and a count
 show live progress until the coordinator reports the run finished
-write runs/<run_id>/summary.json and stop everything, Ctrl-C included
+write runs/<run_id>/summary.json, steps.jsonl, metrics.json and (every 2 s while running)
+    timeline.jsonl, what `miles report` reads; stop everything, Ctrl-C included
 
 A run stopped for any reason resumes with `miles run --resume <run_id>`: the embedded servers
 restart on the run's JetStream store and Redis AOF, and every service continues from Redis (the
@@ -20,6 +21,7 @@ import contextlib
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -29,11 +31,12 @@ from pathlib import Path
 
 import redis
 
-from miles import embedded, raycluster
+from miles import embedded, raycluster, report
 from miles.cli import SERVICES, resolve_config
 from miles.config import MilesConfig
 from miles.live import LiveView
 from miles.recipe import Recipe, load_recipe
+from miles.store import RunKeys
 from miles.summary import RunView
 
 
@@ -148,6 +151,10 @@ def launch(args: argparse.Namespace) -> int:
         )
 
         env = os.environ | {"RAY_ADDRESS": config.infra.ray_address, "PYTHONUNBUFFERED": "1"}
+        ports = metrics_ports(config.infra.metrics_port)
+        if ports:
+            write_metrics_ports(run_dir, ports, config.infra.metrics_addr)
+            print("  /metrics " + "  ".join(f"{s} :{p}" for s, p in ports.items()), flush=True)
         for service in SERVICES:
             argv = [
                 sys.executable,
@@ -164,11 +171,15 @@ def launch(args: argparse.Namespace) -> int:
                 "--config",
                 str(config_path),
             ]
+            if ports:
+                argv += ["--set", f"infra.metrics_port={ports[service]}"]
             child = Child(service, argv, run_dir / "logs" / f"{service}.log", env)
             child.start()
             children.append(child)
 
-        supervisor = Supervisor(children, servers, client, run_id, config.run.steps)
+        supervisor = Supervisor(
+            children, servers, client, run_id, config.run.steps, run_dir / "timeline.jsonl"
+        )
         finished = supervisor.run(quiet=args.quiet)
         view = RunView.read(client, run_id)
         summary = view.summary() | {
@@ -176,6 +187,7 @@ def launch(args: argparse.Namespace) -> int:
             "os_processes_peak": supervisor.peak_processes,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        report.save_run(run_dir, view)
         LiveView.final(summary, run_dir)
         return 0 if finished else 1
     except KeyboardInterrupt:
@@ -184,6 +196,7 @@ def launch(args: argparse.Namespace) -> int:
     finally:
         for child in children:
             child.stop()
+        live_targets(run_dir).unlink(missing_ok=True)
         if started_ray:
             import ray
 
@@ -201,6 +214,7 @@ class Supervisor:
     client: redis.Redis
     run_id: str
     steps: int
+    timeline: Path | None = None
     peak_processes: int = 0
     server_restarts: dict[str, int] = field(default_factory=dict)
 
@@ -214,7 +228,10 @@ class Supervisor:
             for tick in itertools.count():
                 self.revive_servers(live)
                 with contextlib.suppress(redis.exceptions.ConnectionError):
-                    live.update(RunView.read(self.client, self.run_id))
+                    view = RunView.read(self.client, self.run_id)
+                    live.update(view)
+                    if self.timeline and tick % 4 == 0:  # every 2 s, for `miles report`
+                        report.append_timeline(self.timeline, view)
                 if tick % 20 == 0:
                     self.peak_processes = max(self.peak_processes, count_processes())
                 for child in self.children:
@@ -240,6 +257,7 @@ class Supervisor:
             child.streak = 0
         child.restarts += 1
         child.streak += 1
+        self.count_restart(child.service)
         live.log(
             f"{child.service} exited with code {code}; restart #{child.restarts} "
             f"(log: {child.log_path})"
@@ -260,6 +278,43 @@ class Supervisor:
                 self.server_restarts[server.name] = self.server_restarts.get(server.name, 0) + 1
                 live.log(f"{server.name} exited with code {code}; restarting on its own store")
                 server.restart()
+                self.count_restart(server.name)
+
+    def count_restart(self, name: str) -> None:
+        """Into the run record, where the coordinator exports it (``miles_restarts_total``)."""
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            self.client.hincrby(RunKeys(self.run_id).restarts, name, 1)
+
+
+def metrics_ports(port: int | None) -> dict[str, int]:
+    """Each service's /metrics port: for ``infra.metrics_port`` 0, free ports (picked once, so
+    a restarted service keeps its port and Prometheus its target); for P, P, P+1, ... in
+    service order (deploy/'s 9101-9105 with P = 9101); for None, none."""
+    if port is None:
+        return {}
+    if port:
+        return {service: port + i for i, service in enumerate(SERVICES)}
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in SERVICES]
+        for probe in probes:  # held open together, so the five ports differ
+            probe.bind(("", 0))
+        return {s: probe.getsockname()[1] for s, probe in zip(SERVICES, probes, strict=True)}
+
+
+def write_metrics_ports(run_dir: Path, ports: dict[str, int], addr: str) -> None:
+    """``metrics_ports.json`` (service -> port) and ``prometheus_targets.json``, a Prometheus
+    file_sd target list, in the run dir; and the same list as ``<runs>/prometheus_targets/
+    <run_id>.json`` while the run goes, which ``deploy/prometheus/local.yml`` scrapes."""
+    host = "127.0.0.1" if addr in ("0.0.0.0", "", "::") else addr
+    (run_dir / "metrics_ports.json").write_text(json.dumps(ports, indent=2))
+    targets = [{"targets": [f"{host}:{port}"], "labels": {"job": s}} for s, port in ports.items()]
+    (run_dir / "prometheus_targets.json").write_text(json.dumps(targets, indent=2))
+    live_targets(run_dir).parent.mkdir(exist_ok=True)
+    live_targets(run_dir).write_text(json.dumps(targets, indent=2))
+
+
+def live_targets(run_dir: Path) -> Path:
+    return run_dir.parent / "prometheus_targets" / f"{run_dir.name}.json"
 
 
 def wait_for_exit(children: list[Child], timeout: float) -> None:

@@ -60,10 +60,17 @@ class LiveView:
                     f"loss {record['metrics']['loss']:+.4f} {seconds}",
                     flush=True,
                 )
+            headline = view.headline()  # the same values as `miles status`
+            print(
+                f"  bleed: trainer waiting for data {headline['bleed: trainer waiting for data']}"
+                f", rollout waiting for weights {headline['bleed: rollout waiting for weights']}",
+                flush=True,
+            )
             self.last_step = view.step
 
     def _table(self, view: RunView) -> Table:
         table = Table(title=f"miles run {self.run_id}", expand=False)
+        headline = view.headline()  # the same rows as `miles status`
         for column in (
             "step",
             "reward mean",
@@ -72,6 +79,8 @@ class LiveView:
             "wait s",
             "train s",
             "save s",
+            "bleed trainer",
+            "bleed rollout",
             "filtered",
         ):
             table.add_column(column, justify="right")
@@ -86,11 +95,14 @@ class LiveView:
             f"{seconds.get('wait_for_batch', 0):.2f}",
             f"{seconds.get('train', 0):.2f}",
             f"{seconds.get('save_weights', 0):.2f}",
+            headline["bleed: trainer waiting for data"],
+            headline["bleed: rollout waiting for weights"],
             str(sum(view.filtered.values())),
         )
+        table.caption = f"seconds per phase: {headline['seconds per phase']}"
         services = view.service_seconds()
         if services:
-            table.caption = "waiting share: " + ", ".join(
+            table.caption += "\nwaiting share: " + ", ".join(
                 f"{name} {entry['waiting_share']:.0%}" for name, entry in sorted(services.items())
             )
         return table

@@ -14,8 +14,10 @@ from typing import Any
 from miles.events import Sample
 
 
-async def score(sample: Sample, rewards: Mapping[str, Callable[..., Any]]) -> Sample:
-    total = 0.0
+async def score(sample: Sample, rewards: Mapping[str, Callable[..., Any]]) -> dict[str, float]:
+    """Set ``sample.reward`` (or ``failed``); return each function's value (none if failed),
+    for the per-function reward histograms."""
+    values: dict[str, float] = {}
     for name, fn in rewards.items():
         try:
             value = fn(sample)
@@ -23,19 +25,20 @@ async def score(sample: Sample, rewards: Mapping[str, Callable[..., Any]]) -> Sa
                 value = await value
             value = float(value)
         except Exception as exc:  # noqa: BLE001 - user code: record any failure on the sample
-            return _failed(sample, f"{name} raised {type(exc).__name__}: {exc}")
+            _failed(sample, f"{name} raised {type(exc).__name__}: {exc}")
+            return {}
         if not math.isfinite(value):
-            return _failed(sample, f"{name} returned {value!r}, not a finite number")
-        total += value
-    sample.reward = total
-    return sample
+            _failed(sample, f"{name} returned {value!r}, not a finite number")
+            return {}
+        values[name] = value
+    sample.reward = sum(values.values())
+    return values
 
 
 MAX_ERROR_CHARS = 1000
 
 
-def _failed(sample: Sample, error: str) -> Sample:
+def _failed(sample: Sample, error: str) -> None:
     sample.failed = True
     sample.error = error[:MAX_ERROR_CHARS]
     sample.reward = 0.0
-    return sample

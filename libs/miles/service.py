@@ -20,13 +20,23 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from miles import events
+from miles import events, telemetry
 from miles.bus import Bus, connect_nats
 from miles.checkpoint import Manifests
 from miles.config import MilesConfig
 from miles.recipe import Recipe
 from miles.store import RunStore, connect_redis
 from miles.subjects import Subjects
+from miles.telemetry import Metrics, Phase, record
+from miles.telemetry.record import BleedWindow
+
+DEAD_LETTER_REASONS = (
+    *events.BAD_EVENT_REASONS,
+    "oversized",
+    "non_finite_reward",
+    "future_version",
+)
+"""Every reason a service dead-letters for (exported as 0 from the start)."""
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +76,11 @@ class ServiceContext:
     bus: Bus
     store: RunStore
     redis: Redis
+    metrics: Metrics
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     clock: Clock = field(default_factory=Clock)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics_port: int = 0
 
     @functools.cached_property
     def manifests(self) -> Manifests:
@@ -77,6 +89,27 @@ class ServiceContext:
     @property
     def subjects(self) -> Subjects:
         return self.bus.subjects
+
+    @contextlib.contextmanager
+    def busy(self, phase: Phase | None = None) -> Iterator[None]:
+        """Working: counted in the heartbeat's busy seconds and, given one, under ``phase``."""
+        with self.clock.busy(), self._phase(phase):
+            yield
+
+    @contextlib.contextmanager
+    def waiting(
+        self, phase: Phase | None = None, bleed: BleedWindow | None = None
+    ) -> Iterator[None]:
+        """Waiting for input: the heartbeat's waiting seconds, ``phase``, and the bleed."""
+        with (
+            self.clock.waiting(),
+            self._phase(phase),
+            bleed.waiting() if bleed else contextlib.nullcontext(),
+        ):
+            yield
+
+    def _phase(self, phase: Phase | None) -> contextlib.AbstractContextManager[None]:
+        return self.metrics.phase(phase) if phase else contextlib.nullcontext()
 
     def heartbeat(self) -> events.Heartbeat:
         return events.Heartbeat(
@@ -89,11 +122,24 @@ class ServiceContext:
             busy_seconds=self.clock.busy_seconds,
             wait_seconds=self.clock.wait_seconds,
             processed=self.clock.processed,
+            metrics_port=self.metrics_port,
+            metrics=self.metrics.snapshot(),
         )
+
+    async def _poll_consumers(self) -> None:
+        for info in await self.bus.consumer_infos():
+            self.metrics.set_consumer_info(
+                info.stream_name,
+                info.name,
+                pending=info.num_pending or 0,
+                ack_pending=info.num_ack_pending or 0,
+                redelivered=info.num_redelivered or 0,
+            )
 
     async def _heartbeat_loop(self) -> None:
         period = self.config.coordinator.heartbeat_seconds
         while not self.stopping.is_set():
+            await self._poll_consumers()
             beat = self.heartbeat()
             await self.bus.nc.publish(
                 self.subjects.heartbeat(self.service, self.instance), events.encode(beat)
@@ -128,19 +174,35 @@ async def run_service(
     run_id: str,
     run_dir: Path,
 ) -> None:
-    """Connect, start heartbeats and control, run ``main`` until it returns or a stop arrives."""
+    """Connect, start heartbeats and control, run ``main`` until it returns or a stop arrives.
+
+    Telemetry comes up first: tracing from the ``OTEL_*`` variables (nothing is installed
+    without an exporter), and this process's metrics on ``infra.metrics_port``.
+    """
     assert config.infra.nats_url and config.infra.redis_url, "resolve infra URLs before serving"
     timeout = config.infra.connect_timeout_seconds
+    instance = f"{socket.gethostname()}-{os.getpid()}"
+    telemetry.setup_tracing(service, run_id, instance)
+    metrics = Metrics(service, run_id)
+    record.expect(metrics.dead_letters, "reason", DEAD_LETTER_REASONS)
+    metrics_port = 0
+    if config.infra.metrics_port is not None:
+        metrics_port = serve_metrics(metrics, config.infra.metrics_port, config.infra.metrics_addr)
+        log.info("%s serves /metrics on port %d", service, metrics_port)
     nc = await connect_nats(config.infra.nats_url, timeout, name=f"miles-{service}")
     redis = await connect_redis(config.infra.redis_url, timeout)
     bus = Bus(nc, run_id, service, config.infra.max_payload_bytes, config.infra.ack_wait_seconds)
     store = RunStore(redis, run_id)
 
     async def count_dead(reason: str) -> None:
+        metrics.dead_letters.labels(reason=reason).inc()
         await store.count_dead_letter(reason)
 
     bus.on_dead_letter = count_dead
-    ctx = ServiceContext(service, config, recipe, run_id, run_dir, bus, store, redis)
+    ctx = ServiceContext(
+        service, config, recipe, run_id, run_dir, bus, store, redis, metrics, instance=instance
+    )
+    ctx.metrics_port = metrics_port
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stopping.set)
@@ -167,3 +229,16 @@ async def run_service(
         await nc.flush()
         await nc.close()
         await redis.aclose()
+        telemetry.shutdown_tracing()
+
+
+def serve_metrics(metrics: Metrics, port: int, addr: str) -> int:
+    """Serve /metrics on ``port``; if it is taken, on a free one (a warning says so, and the
+    heartbeat advertises the port really bound)."""
+    try:
+        return telemetry.start_metrics_server(port, metrics.registry, addr)
+    except OSError as exc:
+        if not port:
+            raise
+        log.warning("/metrics port %d unavailable (%s); serving on a free port", port, exc)
+        return telemetry.start_metrics_server(0, metrics.registry, addr)

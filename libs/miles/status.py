@@ -39,12 +39,22 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
         "wall": f"{view.wall_seconds():.0f} s",
         "filtered groups": json.dumps(view.filtered),
         "dead letters": json.dumps(view.dead_letters),
+        **view.headline(),  # the services' /metrics values, from their heartbeats
     }
     for key, value in rows.items():
         table.add_row(key, str(value))
     console.print(table)
     services = Table(title="services")
-    for column in ("instance", "state", "last heartbeat", "busy s", "waiting s", "processed"):
+    columns = (
+        "instance",
+        "state",
+        "last heartbeat",
+        "busy s",
+        "waiting s",
+        "processed",
+        "/metrics",
+    )
+    for column in columns:
         services.add_column(column)
     now = time.time()
     period = float(view.config.get("coordinator", {}).get("heartbeat_seconds", 2.0))
@@ -58,6 +68,7 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
             f"{beat['busy_seconds']:.1f}",
             f"{beat['wait_seconds']:.1f}",
             str(beat["processed"]),
+            f":{beat['metrics_port']}" if beat.get("metrics_port") else "-",
         )
     console.print(services)
     return 0

@@ -1,8 +1,10 @@
-"""Where a run stands, read from its Redis record: one source for `miles status`, the live view
-and ``summary.json``."""
+"""Where a run stands, read from its Redis record: one source for `miles status`, the live view,
+``summary.json`` and `miles report`. The metric values come from the services' heartbeats,
+which carry what each one exports on ``/metrics`` (``miles.telemetry.readout``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from typing import Any
 import redis
 
 from miles.store import RunKeys
+from miles.telemetry.readout import Readout
 
 
 @dataclass
@@ -52,6 +55,10 @@ class RunView:
     def exists(self) -> bool:
         return bool(self.run)
 
+    @functools.cached_property
+    def metrics(self) -> Readout:
+        return Readout(self.services.values())
+
     @property
     def step(self) -> int:
         return int(self.run.get("step", 0))
@@ -85,6 +92,32 @@ class RunView:
         now = time.time()
         return sorted(k for k, b in self.services.items() if now - b["time"] < within)
 
+    def headline(self) -> dict[str, str]:
+        """The metric rows `miles status` prints and the live view shows, formatted once."""
+        key = self.metrics.key_metrics()
+        bleed = key["bleed_ratio"]
+        phases = sorted(key["phase_seconds"].items(), key=lambda item: -item[1])
+        return {
+            "reward mean (scored so far)": _fmt(key["reward_mean"], "{:.3f}"),
+            "bleed: trainer waiting for data": _fmt(bleed["trainer_waiting_for_data"], "{:.0%}"),
+            "bleed: rollout waiting for weights": _fmt(
+                bleed["rollout_waiting_for_weights"], "{:.0%}"
+            ),
+            "samples / tokens generated": f"{key['samples_generated']:.0f} / "
+            f"{key['tokens_generated']:.0f}",
+            "seconds per phase": ", ".join(f"{k} {v:.1f}" for k, v in phases) or "-",
+            "staleness (mean versions)": _fmt(key["staleness_mean"], "{:.2f}"),
+            "buffer depth (groups)": _fmt(key["buffer_depth"], "{:.0f}"),
+            "consumers pending / ack pending": ", ".join(
+                f"{c} {_fmt(key['consumer_pending'][c], '{:.0f}')}"
+                f"/{_fmt(key['consumer_ack_pending'][c], '{:.0f}')}"
+                for c in key["consumer_pending"]
+            )
+            or "-",
+            "restarts": ", ".join(f"{k} {v:.0f}" for k, v in key["restarts"].items() if v)
+            or "none",
+        }
+
     def summary(self) -> dict[str, Any]:
         rewards = [step["reward_mean"] for step in self.steps]
         phase: dict[str, float] = {}
@@ -109,4 +142,9 @@ class RunView:
             "services": self.service_seconds(),
             "filtered_groups": self.filtered,
             "dead_letters": self.dead_letters,
+            "metrics": self.metrics.key_metrics(),
         }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)

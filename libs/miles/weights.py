@@ -26,6 +26,8 @@ class WeightsWatcher:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.latest: events.WeightsPublished | None = None
+        self.latest_headers: dict[str, str] = {}
+        """The NATS headers ``latest`` came with: its trace context, to link the load to."""
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
@@ -40,6 +42,7 @@ class WeightsWatcher:
                     continue
                 if self.latest is None or event.policy_version > self.latest.policy_version:
                     self.latest = event
+                    self.latest_headers = msg.headers or {}
                     self.changed.set()
 
         self._task = asyncio.create_task(follow())

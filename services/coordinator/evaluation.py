@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from miles import events
+from miles import events, telemetry
 from miles.data import Prompt
 from miles.service import ServiceContext
 
@@ -53,7 +53,8 @@ async def dispatch_eval(ctx: ServiceContext, round_: int, prompts: list[Prompt])
             greedy=True,
             eval_round=round_,
         )
-        await ctx.bus.publish(ctx.subjects.tasks, task, msg_id=task.task_id)
+        with telemetry.root_span("dispatch", {"miles.task_id": task.task_id}):
+            await ctx.bus.publish(ctx.subjects.tasks, task, msg_id=task.task_id)
         task_ids.add(task.task_id)
     return EvalRound(round_, task_ids)
 

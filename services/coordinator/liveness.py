@@ -1,7 +1,11 @@
-"""Which service instances are alive, from their heartbeats on NATS.
+"""Which service instances are alive, from their heartbeats on NATS, and how often `miles run`
+restarted each service.
 
 An instance is alive while its heartbeats keep coming; after ``missed`` periods of silence it is
 presumed dead and the coordinator says so once (a restarted service joins as a new instance).
+Restarts are counted by `miles run`'s supervisor in the run record; the coordinator exports them
+as ``miles_restarts_total{restarted_service}``. The counts only grow, so a restarted coordinator
+exporting them from scratch reads as no new restarts to Prometheus' ``increase``.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ import logging
 import time
 
 from miles import events
+from miles.cli import SERVICES
 from miles.service import ServiceContext
+from miles.telemetry import record
 
 log = logging.getLogger("miles.coordinator")
 
@@ -21,6 +27,9 @@ class Liveness:
         self.timeout = missed * ctx.config.coordinator.heartbeat_seconds
         self.last_seen: dict[str, float] = {}
         self.silent: set[str] = set()
+        self.restarts: dict[str, int] = {}
+        self.restarts_read = 0.0
+        record.expect(ctx.metrics.restarts, "restarted_service", SERVICES)
 
     async def start(self) -> None:
         async def on_beat(msg) -> None:  # type: ignore[no-untyped-def]
@@ -37,12 +46,19 @@ class Liveness:
 
         await self.ctx.bus.nc.subscribe(self.ctx.subjects.heartbeat("*", ">"), cb=on_beat)
 
-    def check(self) -> None:
+    async def check(self) -> None:
         now = time.monotonic()
         for key, seen in self.last_seen.items():
             if key not in self.silent and now - seen > self.timeout:
                 self.silent.add(key)
                 log.warning("%s silent for %.0fs: presumed dead", key, now - seen)
+        if now - self.restarts_read > self.ctx.config.coordinator.heartbeat_seconds:
+            self.restarts_read = now
+            for service, count in (await self.ctx.store.restarts()).items():
+                new = count - self.restarts.get(service, 0)
+                if new > 0:
+                    self.ctx.metrics.restarts.labels(restarted_service=service).inc(new)
+                    self.restarts[service] = count
 
     @property
     def alive(self) -> list[str]:

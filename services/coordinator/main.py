@@ -50,31 +50,33 @@ async def main(ctx: ServiceContext) -> None:
     last_step = config.run.steps
 
     while not ctx.stopping.is_set():
-        with ctx.clock.busy():
-            liveness.check()
+        with ctx.busy():
+            await liveness.check()
             await pacer.refresh()
             await pacer.dispatch()
-        with ctx.clock.waiting():
+        with ctx.waiting():
             arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
-        with ctx.clock.busy():
+        with ctx.busy():
             for event, msg in arrived:
-                if isinstance(event, events.StepCommitted):
-                    await store.update(reward_mean=event.reward_mean, loss=event.loss)
-                    due = event.step % config.coordinator.eval_every == 0 or event.step == last_step
-                    if due and event.step not in rounds and event.step <= last_step:
-                        rounds[event.step] = await dispatch_eval(ctx, event.step, held_out)
-                elif isinstance(event, events.ScoredGroup):
-                    record_result(rounds, event, config.coordinator.correct_reward)
-                    done = rounds.get(event.eval_round)
-                    if done is not None and done.complete and not done.recorded:
-                        result = summarize(done)
-                        done.recorded = True
-                        await store.add_eval(result)
-                        await store.update(accuracy=result["accuracy"], eval_step=done.round)
-                        log.info(
-                            "eval after step %d: accuracy %.3f", done.round, result["accuracy"]
-                        )
-                await msg.ack()
+                with bus.process(msg):
+                    if isinstance(event, events.StepCommitted):
+                        await store.update(reward_mean=event.reward_mean, loss=event.loss)
+                        due = event.step % config.coordinator.eval_every == 0
+                        due = due or event.step == last_step
+                        if due and event.step not in rounds and event.step <= last_step:
+                            rounds[event.step] = await dispatch_eval(ctx, event.step, held_out)
+                    elif isinstance(event, events.ScoredGroup):
+                        record_result(rounds, event, config.coordinator.correct_reward)
+                        done = rounds.get(event.eval_round)
+                        if done is not None and done.complete and not done.recorded:
+                            result = summarize(done)
+                            done.recorded = True
+                            await store.add_eval(result)
+                            await store.update(accuracy=result["accuracy"], eval_step=done.round)
+                            log.info(
+                                "eval after step %d: accuracy %.3f", done.round, result["accuracy"]
+                            )
+                    await msg.ack()
             await pacer.refresh()
             if pacer.step >= last_step and all(r.complete for r in rounds.values()):
                 break

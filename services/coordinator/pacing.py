@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from miles import events, faults
+from miles import events, faults, telemetry
 from miles.data import Prompt
 from miles.service import ServiceContext
 
@@ -42,6 +42,8 @@ class Pacer:
         self.step = int(run.get("step", 0))
         self.trained_groups = int(run.get("trained_groups", 0))
         self.filtered_groups = await self.ctx.store.filtered_groups()
+        self.ctx.metrics.step.set(self.step)
+        self.ctx.metrics.policy_version.set(self.step)
 
     def allowed(self) -> int:
         buffer = self.ctx.config.buffer
@@ -52,7 +54,7 @@ class Pacer:
         return min(gate, bound)
 
     async def dispatch(self) -> None:
-        """Publish the tasks the bounds allow now.
+        """Publish the tasks the bounds allow now, each the root of its own trace.
 
         The task id is the cursor, and the publish is deduplicated by it: a coordinator that
         dies between publishing and recording the cursor publishes the same task again, and
@@ -70,7 +72,9 @@ class Pacer:
                 group_size=rollout.group_size,
                 seed=self.ctx.config.run.seed * 1_000_003 + self.cursor,
             )
-            await self.ctx.bus.publish(self.ctx.subjects.tasks, task, msg_id=task.task_id)
+            with telemetry.root_span("dispatch", {"miles.task_id": task.task_id}):
+                await self.ctx.bus.publish(self.ctx.subjects.tasks, task, msg_id=task.task_id)
+            self.ctx.metrics.tasks_published.inc()
             faults.crash_point("coordinator.dispatched")
             self.cursor += 1
             await self.ctx.store.update(cursor=self.cursor)

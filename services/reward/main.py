@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 
-from miles import events, faults
+from miles import events, faults, telemetry
 from miles.bus import Oversized
 from miles.scoring import score
 from miles.service import ServiceContext
 from miles.subjects import REWARD_CONSUMER
+from miles.telemetry import record
 
 log = logging.getLogger("miles.reward")
 
@@ -23,26 +24,30 @@ log = logging.getLogger("miles.reward")
 async def main(ctx: ServiceContext) -> None:
     bus = ctx.bus
     generated = await bus.pull("generated", REWARD_CONSUMER)
+    record.expect(ctx.metrics.reward, "reward_fn", ctx.recipe.rewards)
+    record.expect(ctx.metrics.reward_running_sum, "reward_fn", ctx.recipe.rewards)
     log.info("reward %s ready with %s", ctx.instance, ", ".join(ctx.recipe.rewards))
     while not ctx.stopping.is_set():
-        with ctx.clock.waiting():
+        with ctx.waiting():
             batch = await bus.fetch(generated, events.GeneratedGroup, 16, 1.0)
         for group, msg in batch:
-            with ctx.clock.busy():
-                start = time.monotonic()
-                samples = [await score(sample, ctx.recipe.rewards) for sample in group.samples]
-                for sample in samples:
-                    if sample.failed:
-                        log.warning("sample %s failed: %s", sample.sample_id, sample.error)
-                scored = events.ScoredGroup(
-                    run_id=ctx.run_id,
-                    policy_version=group.policy_version,
-                    task_id=group.task_id,
-                    split=group.split,
-                    eval_round=group.eval_round,
-                    samples=samples,
-                    score_seconds=time.monotonic() - start,
-                )
+            with ctx.busy("reward"), bus.process(msg):
+                with telemetry.span("score"):
+                    start = time.monotonic()
+                    rewards = [await score(sample, ctx.recipe.rewards) for sample in group.samples]
+                    for sample in group.samples:
+                        if sample.failed:
+                            log.warning("sample %s failed: %s", sample.sample_id, sample.error)
+                    scored = events.ScoredGroup(
+                        run_id=ctx.run_id,
+                        policy_version=group.policy_version,
+                        task_id=group.task_id,
+                        split=group.split,
+                        eval_round=group.eval_round,
+                        samples=group.samples,
+                        score_seconds=time.monotonic() - start,
+                    )
+                    record.scored(ctx.metrics, scored, rewards)
                 subject = (
                     ctx.subjects.scored if group.split == "train" else ctx.subjects.eval_scored
                 )

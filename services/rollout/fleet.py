@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import ray
 import ray.exceptions
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from miles import faults
 from miles.config import MilesConfig, RolloutConfig
@@ -76,10 +78,26 @@ class EngineFleet:
         self.current: tuple[Path, int] | None = None  # the weights every engine should hold
         self.replaced = 0
         self.engines: list[Engine] = []
+        self.placement: PlacementGroup | None = None
 
     async def start(self) -> None:
-        """Start every engine's server process, in parallel."""
-        self.engines = list(await asyncio.gather(*map(self._start, range(self.rollout.engines))))
+        """Reserve one placement-group bundle per engine, then start every server in parallel.
+
+        The bundles hold each engine's CPUs and GPUs for the fleet's lifetime, so an engine
+        restarted or replaced after a failure lands in the same reserved slot instead of
+        competing with the trainer for resources.
+        """
+        rollout = self.rollout
+        bundle = {"CPU": rollout.engine_num_cpus}
+        if rollout.engine_num_gpus:
+            bundle["GPU"] = rollout.engine_num_gpus
+        self.placement = placement_group(
+            [dict(bundle) for _ in range(rollout.engines)],
+            strategy=rollout.placement_strategy,
+            name=f"{self.tag}-engines",
+        )
+        await self.placement.ready()
+        self.engines = list(await asyncio.gather(*map(self._start, range(rollout.engines))))
 
     @property
     def rollout(self) -> RolloutConfig:
@@ -100,6 +118,7 @@ class EngineFleet:
 
     def _new_actor(self, index: int) -> Any:
         rollout = self.rollout
+        assert self.placement is not None, "start() reserves the engines' placement group"
         delay = faults.engine_delay(index)
         return (
             ray.remote(SGLangServerProcess)
@@ -108,6 +127,9 @@ class EngineFleet:
                 num_gpus=rollout.engine_num_gpus,
                 max_restarts=rollout.engine_max_restarts,
                 max_task_retries=0,  # a retried call must go through recover() first
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement, placement_group_bundle_index=index
+                ),
             )
             .remote(
                 rollout.engine,
@@ -201,6 +223,10 @@ class EngineFleet:
             if engine.slow_rounds >= self.rollout.straggler_patience:
                 await self._straggler(engine, median)
 
+    def engine_health(self) -> list[tuple[str, float | None, bool]]:
+        """(name, tokens/s of its last round, drained) per engine, for the metrics."""
+        return [(e.handle.name, e.rate, e.drained) for e in self.engines]
+
     async def _straggler(self, engine: Engine, median: float) -> None:
         handle, rate = engine.handle, engine.rate or 0.0
         engine.drained, engine.slow_rounds, engine.rate = True, 0, None
@@ -230,3 +256,5 @@ class EngineFleet:
             with contextlib.suppress(ray.exceptions.RayActorError, TimeoutError):
                 await asyncio.wait_for(engine.actor.stop.remote(), timeout=20)
             ray.kill(engine.actor)
+        if self.placement is not None:
+            remove_placement_group(self.placement)

@@ -16,12 +16,14 @@ import time
 from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
-from miles import events, faults, raycluster
+from miles import events, faults, raycluster, telemetry
 from miles.blobs import BlobStore
 from miles.bus import Oversized
 from miles.generation import EngineHandle, rollout_many
 from miles.service import ServiceContext
 from miles.subjects import ROLLOUT_CONSUMER
+from miles.telemetry import record
+from miles.telemetry.record import BleedWindow
 from miles.weights import WeightsWatcher, make_blob_store
 from services.rollout.fleet import EngineFleet
 
@@ -47,23 +49,31 @@ async def main(ctx: ServiceContext) -> None:
     await weights.start()
     tasks = await bus.pull("tasks", ROLLOUT_CONSUMER)
     log.info("rollout %s ready with %d engine(s)", ctx.instance, len(fleet.engines))
+    names = [handle.name for handle in fleet.handles]
+    record.expect(ctx.metrics.samples_generated, "engine", names)
+    record.expect(ctx.metrics.tokens_generated, "engine", names)
+    # The bleed, one window per policy version: the coordinator dispatches as far as the
+    # staleness bound allows, so a rollout with no task, like one holding tasks for a newer
+    # version, is waiting for the trainer's next weights.
+    bleed = BleedWindow(ctx.metrics, "rollout_waiting_for_weights")
 
     try:
         while not ctx.stopping.is_set():
-            with ctx.clock.waiting():
+            with ctx.waiting(bleed=bleed):
                 batch = await bus.fetch(tasks, events.Task, config.rollout.tasks_per_fetch, 1.0)
             if not batch:
-                await sync_weights(fleet, weights, blobs)
+                await sync_weights(ctx, fleet, weights, blobs, bleed)
                 continue
             needed = max(task.policy_version for task, _ in batch)
             if weights.version < needed:
-                with ctx.clock.waiting():  # rollout waiting for weights: half of the bleed
+                with ctx.waiting("weight_wait", bleed):
                     await bus.hold(weights.wait_for(needed), [msg for _, msg in batch])
-            await sync_weights(fleet, weights, blobs)
-            with ctx.clock.busy():
+            await sync_weights(ctx, fleet, weights, blobs, bleed)
+            with ctx.busy("rollout"):
                 faults.crash_soon("rollout.generating")
                 await generate_and_publish(ctx, fleet, batch)
                 await fleet.check_stragglers()
+                record.engines(ctx.metrics, fleet.engine_health())
     finally:
         await fleet.shutdown()
 
@@ -84,11 +94,25 @@ async def report_straggler(
     await ctx.store.count_straggler(engine.name)
 
 
-async def sync_weights(fleet: EngineFleet, weights: WeightsWatcher, blobs: BlobStore) -> None:
+async def sync_weights(
+    ctx: ServiceContext,
+    fleet: EngineFleet,
+    weights: WeightsWatcher,
+    blobs: BlobStore,
+    bleed: BleedWindow,
+) -> None:
     latest = weights.latest
     if latest is not None and latest.policy_version > fleet.weight_version:
-        path = await blobs.get_dir(latest.uri, latest.sha256)  # verifies the sha256
-        await fleet.load(path, latest.policy_version)
+        links = telemetry.links_from(headers=[weights.latest_headers])  # the trainer's publish
+        version = {"miles.policy_version": latest.policy_version}
+        with (
+            ctx.metrics.phase("weight_load"),
+            telemetry.linked_span("load weights", links, version),
+        ):
+            path = await blobs.get_dir(latest.uri, latest.sha256)  # verifies the sha256
+            await fleet.load(path, latest.policy_version)
+        ctx.metrics.policy_version.set(latest.policy_version)
+        bleed.close()
 
 
 async def generate_and_publish(
@@ -102,6 +126,7 @@ async def generate_and_publish(
             for engine, share in zip(engines, shares, strict=True)
         )
     )
+    started = time.time_ns()
     results = await ctx.bus.hold(work, [msg for _, msg in batch])
     for share, (groups, seconds, engine) in zip(shares, results, strict=True):
         for (task, msg), samples in zip(share, groups, strict=True):
@@ -115,12 +140,15 @@ async def generate_and_publish(
                 engine=engine,
                 generate_seconds=seconds,
             )
-            try:
-                await ctx.bus.publish(ctx.subjects.generated, group, msg_id=f"gen/{task.task_id}")
-            except Oversized:  # dead-lettered; the coordinator dispatches a replacement
-                if task.split == "train":
-                    await ctx.store.record_filtered(task.task_id, "oversized")
-            await msg.ack()
+            with ctx.bus.process(msg, start_time=started):  # the task's trace goes on
+                record.generated(ctx.metrics, group, started, started + int(seconds * 1e9))
+                try:
+                    subject = ctx.subjects.generated
+                    await ctx.bus.publish(subject, group, msg_id=f"gen/{task.task_id}")
+                except Oversized:  # dead-lettered; the coordinator dispatches a replacement
+                    if task.split == "train":
+                        await ctx.store.record_filtered(task.task_id, "oversized")
+                await msg.ack()
             ctx.clock.processed += 1
 
 

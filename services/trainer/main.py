@@ -15,16 +15,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from contextlib import AbstractContextManager
 from typing import Any
 
 import ray
 
-from miles import events, faults, raycluster
+from miles import events, faults, raycluster, telemetry
 from miles.blobs import BlobStore
 from miles.checkpoint import CommitRefused, Manifest
+from miles.config import TrainerConfig
 from miles.service import ServiceContext
 from miles.subjects import TRAINER_CONSUMER
-from miles.trainer.torch_backend import STATE_FILE
+from miles.telemetry import record
 from miles.weights import make_blob_store
 from services.trainer.actor import TrainerActor
 
@@ -36,7 +38,7 @@ async def main(ctx: ServiceContext) -> None:
     raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
     actor: Any = (
         ray.remote(TrainerActor)
-        .options(num_cpus=config.trainer.num_cpus, max_restarts=0)
+        .options(**trainer_resources(config.trainer), max_restarts=0)
         .remote(str(ctx.recipe.path), config.model_dump_json())
     )
     blobs = make_blob_store(config, bus, ctx.run_dir)
@@ -48,67 +50,89 @@ async def main(ctx: ServiceContext) -> None:
     batches = await bus.pull("batches", TRAINER_CONSUMER)
     log.info("trainer %s ready at step %d", ctx.instance, step)
 
+    bleed = record.BleedWindow(ctx.metrics, "trainer_waiting_for_data")
     while not ctx.stopping.is_set():
         wait_start = time.monotonic()
-        with ctx.clock.waiting():  # trainer waiting for data: the other half of the bleed
+        with ctx.waiting("buffer_wait", bleed):  # trainer waiting for data: half of the bleed
             got = await bus.fetch(batches, events.Batch, 1, 1.0)
         if not got:
             continue
         batch, msg = got[0]
-        if await ctx.manifests.trained(batch.batch_id):
-            done = await ctx.manifests.step_of(batch.batch_id)
-            log.info("batch %s was trained in step %s; re-announcing, acking", batch.batch_id, done)
-            if done is not None:
-                await announce(ctx, done)
-            await msg.ack()
-            continue
-        with ctx.clock.busy():
-            seconds = {"wait_for_batch": time.monotonic() - wait_start}
-            start = time.monotonic()
-            metrics = await bus.hold(actor.train_step.remote(batch.samples), [msg])
-            seconds["train"] = time.monotonic() - start
-            faults.crash_point("trainer.stepped")
-            step += 1
-            start = time.monotonic()
-            attempt = uuid.uuid4().hex[:8]  # a crashed attempt never overwrites what a reader sees
-            staging = ctx.run_dir / "staging" / f"v{step}-{attempt}"
-            sha256 = await bus.hold(actor.save_weights.remote(str(staging)), [msg])
-            uri = await blobs.put_dir(staging, f"weights/v{step}-{attempt}")
-            seconds["save_weights"] = time.monotonic() - start
-            if step % config.trainer.checkpoint_every == 0:
+        with bus.process(msg):
+            if await ctx.manifests.trained(batch.batch_id):
+                done = await ctx.manifests.step_of(batch.batch_id)
+                log.info("batch %s was trained in step %s; re-announcing", batch.batch_id, done)
+                if done is not None:
+                    await announce(ctx, done)
+                await msg.ack()
+                continue
+            links = telemetry.links_from(traceparents=batch.traceparents)  # every group's trace
+            with ctx.busy(), telemetry.linked_span("train step", links, {"miles.step": step + 1}):
+                started = time.monotonic()
+                seconds = {"wait_for_batch": started - wait_start}
+                metrics = await bus.hold(actor.train_step.remote(batch.samples), [msg])
+                seconds["train"] = time.monotonic() - started
+                record.trained(ctx.metrics, batch.samples, metrics, version=step)
+                faults.crash_point("trainer.stepped")
+                step += 1
                 start = time.monotonic()
-                staging = ctx.run_dir / "staging" / f"state{step}-{attempt}"
-                state_sha = await bus.hold(actor.save_state.remote(str(staging)), [msg])
-                state_uri = await blobs.put_dir(staging, f"state/s{step}-{attempt}")
-                state = (state_uri, state_sha, step)
-                seconds["save_state"] = time.monotonic() - start
-            manifest = Manifest(
-                run_id=ctx.run_id,
-                step=step,
-                policy_version=step,
-                weights_uri=uri,
-                weights_sha256=sha256,
-                state_uri=state[0],
-                state_sha256=state[1],
-                state_step=state[2],
-                batch_ids=[batch.batch_id],
-                task_ids=batch.task_ids,
-                sample_ids=[s.sample_id for s in batch.samples],
-                dataset_cursor=int((await ctx.store.run()).get("cursor", 0)),
-                rng_state=await actor.rng_state.remote(),
-                config_hash=config.hash(),
-                samples=len(batch.samples),
-                min_sample_version=min(s.policy_version for s in batch.samples),
-                reward_mean=sum(s.reward for s in batch.samples) / len(batch.samples),
-                metrics={k: float(v) for k, v in metrics.items()},
-                seconds=seconds,
-            )
-            await commit(ctx, manifest)
-            faults.crash_point("trainer.committed")
-            await announce(ctx, manifest)
-            await msg.ack()
-            ctx.clock.processed += 1
+                attempt = uuid.uuid4().hex[:8]  # a crashed attempt never overwrites what is read
+                with ctx.metrics.phase("weight_publish"), version_span("publish weights", step):
+                    staging = ctx.run_dir / "staging" / f"v{step}-{attempt}"
+                    sha256 = await bus.hold(actor.save_weights.remote(str(staging)), [msg])
+                    uri = await blobs.put_dir(staging, f"weights/v{step}-{attempt}")
+                seconds["save_weights"] = time.monotonic() - start
+                if step % config.trainer.checkpoint_every == 0:
+                    start = time.monotonic()
+                    with ctx.metrics.phase("checkpoint"), version_span("checkpoint", step):
+                        staging = ctx.run_dir / "staging" / f"state{step}-{attempt}"
+                        state_sha = await bus.hold(actor.save_state.remote(str(staging)), [msg])
+                        state_uri = await blobs.put_dir(staging, f"state/s{step}-{attempt}")
+                    state = (state_uri, state_sha, step)
+                    seconds["save_state"] = time.monotonic() - start
+                rewards = [s.reward for s in batch.samples]
+                manifest = Manifest(
+                    run_id=ctx.run_id,
+                    step=step,
+                    policy_version=step,
+                    weights_uri=uri,
+                    weights_sha256=sha256,
+                    state_uri=state[0],
+                    state_sha256=state[1],
+                    state_step=state[2],
+                    batch_ids=[batch.batch_id],
+                    task_ids=batch.task_ids,
+                    sample_ids=[s.sample_id for s in batch.samples],
+                    dataset_cursor=int((await ctx.store.run()).get("cursor", 0)),
+                    rng_state=await actor.rng_state.remote(),
+                    config_hash=config.hash(),
+                    samples=len(batch.samples),
+                    min_sample_version=min(s.policy_version for s in batch.samples),
+                    reward_mean=sum(rewards) / len(rewards),
+                    reward_histogram=record.reward_histogram(rewards),
+                    metrics={k: float(v) for k, v in metrics.items()},
+                    seconds=seconds,
+                )
+                await commit(ctx, manifest)
+                faults.crash_point("trainer.committed")
+                await announce(ctx, manifest)
+                await msg.ack()
+                ctx.clock.processed += 1
+                ctx.metrics.commit_step(step, step, time.monotonic() - started)
+            bleed.close()
             log.info("step %d: loss %.4f reward %.3f", step, metrics["loss"], manifest.reward_mean)
+
+
+def trainer_resources(trainer: TrainerConfig) -> dict[str, float]:
+    """The trainer actor's Ray resources: all of them for torch; for Megatron, whose ranks
+    are their own actors, almost none (the ranks reserve theirs in a placement group)."""
+    if trainer.backend == "megatron":
+        return {"num_cpus": 0}
+    return {"num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus}
+
+
+def version_span(name: str, version: int) -> AbstractContextManager[object]:
+    return telemetry.span(name, {"miles.policy_version": version})
 
 
 async def resume(actor: Any, blobs: BlobStore, latest: Manifest | None) -> Manifest | None:
@@ -118,7 +142,8 @@ async def resume(actor: Any, blobs: BlobStore, latest: Manifest | None) -> Manif
     path = await blobs.get_dir(latest.weights_uri, latest.weights_sha256)
     await actor.load_weights.remote(str(path))
     if latest.state_uri and latest.state_sha256:
-        state = await blobs.get_dir(latest.state_uri, latest.state_sha256, checked=STATE_FILE)
+        checked = await actor.state_file_name.remote()
+        state = await blobs.get_dir(latest.state_uri, latest.state_sha256, checked=checked)
         await actor.load_state.remote(str(state))
     await actor.set_rng_state.remote(latest.rng_state)
     if latest.state_step != latest.step:

@@ -57,3 +57,18 @@ def test_grpo_raises_held_out_accuracy_and_lr0_does_not(tmp_path: Path) -> None:
     assert control["accuracy_before"] == learned["accuracy_before"]
     # Every service reported its time, as five separate processes.
     assert set(learned["services"]) == {"coordinator", "rollout", "reward", "buffer", "trainer"}
+
+
+def test_the_demo_learns_on_the_megatron_backend_too(tmp_path: Path) -> None:
+    """`trainer.backend = "megatron"`: a Megatron-core GPTModel split over two tensor-parallel
+    rank actors (gloo) in a placement group trains the same demo, and accuracy rises."""
+    steps = 8
+    learned = run_demo(
+        tmp_path,
+        "e2e-megatron",
+        *("--set", "trainer.backend=megatron", "--set", "trainer.tensor_parallel=2"),
+        *("--set", f"run.steps={steps}", "--set", f"coordinator.eval_every={steps}"),
+        *("--set", "data.eval_size=100"),
+    )
+    assert learned["steps"] == steps
+    assert learned["accuracy_after"] - learned["accuracy_before"] >= MARGIN, learned

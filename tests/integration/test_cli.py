@@ -26,16 +26,17 @@ def miles(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     )
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["serve"], ["status"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["serve"], ["status"], ["report"]])
 def test_help_is_complete(command: list[str]) -> None:
     result = miles(*command, "--help")
     assert result.returncode == 0
     assert "usage: miles" in result.stdout
     for word in {
-        (): ["run", "serve", "status", "NATS_URL"],
+        (): ["run", "serve", "status", "report", "NATS_URL"],
         ("run",): ["--set", "--config"],
         ("serve",): ["coordinator", "--run-id", "--recipe"],
         ("status",): ["--redis-url", "--json"],
+        ("report",): ["--redis-url", "--out", "steps.jsonl"],
     }[tuple(command)]:
         assert word in result.stdout
 
@@ -84,3 +85,56 @@ def test_status_reads_the_run_record(redis_server: embedded.Server) -> None:
     assert '"steps": 3' in result.stdout
     missing = miles("status", "no-such-run", env={"REDIS_URL": redis_server.url})
     assert missing.returncode == 1 and "no run 'no-such-run'" in missing.stdout
+
+
+def test_status_and_report_read_the_metrics_the_heartbeats_carry(
+    redis_server: embedded.Server, tmp_path: Path
+) -> None:
+    """One source: the values a service exports on /metrics ride its heartbeat into Redis, and
+    `miles status` and `miles report` (for a run still in Redis) both read them from there."""
+    import json
+
+    import msgspec
+    import redis
+
+    from miles import events
+    from miles.store import RunKeys
+    from miles.telemetry import Metrics
+
+    metrics = Metrics("trainer", "cli-metrics")
+    metrics.bleed_ratio.labels(side="trainer_waiting_for_data").set(0.42)
+    metrics.phase_seconds.labels(phase="optimizer").inc(1.5)
+    beat = events.Heartbeat(
+        run_id="cli-metrics",
+        policy_version=-1,
+        service="trainer",
+        instance="host-1",
+        pid=1,
+        time=1.0,
+        busy_seconds=1.0,
+        wait_seconds=1.0,
+        processed=1,
+        metrics_port=9105,
+        metrics=metrics.snapshot(),
+    )
+    keys = RunKeys("cli-metrics")
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.hset(keys.record, mapping={"run_id": "cli-metrics", "status": "running", "started": 0})
+    client.hset(keys.services, "trainer/host-1", msgspec.json.encode(beat).decode())
+    client.zadd("miles:runs", {"cli-metrics": 2})
+    env = {"REDIS_URL": redis_server.url}
+
+    status = miles("status", "cli-metrics", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)["metrics"]
+    assert shown["bleed_ratio"]["trainer_waiting_for_data"] == 0.42
+    assert shown["phase_seconds"]["optimizer"] == 1.5
+    table = miles("status", "cli-metrics", env=env)
+    assert "42%" in table.stdout and ":9105" in table.stdout
+
+    out = tmp_path / "report"
+    made = miles("report", "cli-metrics", "--out", str(out), env=env)
+    assert made.returncode == 0, made.stderr
+    assert (
+        "| bleed: trainer waiting for data (last step) | 42% |" in (out / "report.md").read_text()
+    )

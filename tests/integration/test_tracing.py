@@ -9,26 +9,16 @@ as a collector would (``ExportTraceServiceRequest``) and the test checks the tra
 
 from __future__ import annotations
 
-import gzip
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from observability import OtlpReceiver, serve_otlp
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from miles import embedded
@@ -96,91 +86,10 @@ print(os.getpid())
 """
 
 
-@dataclass
-class Received:
-    """One span as the receiver decoded it, with its resource's attributes."""
-
-    span: Span
-    resource: dict[str, Any]
-
-    @property
-    def attributes(self) -> dict[str, Any]:
-        return attributes(self.span.attributes)
-
-
-@dataclass
-class OtlpReceiver:
-    """A minimal OTLP/HTTP trace endpoint: POST /v1/traces with a protobuf body."""
-
-    port: int = 0
-    spans: list[Received] = field(default_factory=list)
-    content_types: list[str] = field(default_factory=list)
-    encodings: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def handle(self, path: str, headers: Any, body: bytes) -> tuple[int, bytes]:
-        if path != "/v1/traces":
-            return 404, b""
-        encoding = headers.get("Content-Encoding", "identity")
-        if encoding == "gzip":
-            body = gzip.decompress(body)
-        try:
-            request = ExportTraceServiceRequest.FromString(body)
-        except DecodeError:
-            return 400, b"not an OTLP protobuf body"
-        with self.lock:
-            self.content_types.append(headers.get("Content-Type", ""))
-            self.encodings.append(encoding)
-            for resource_spans in request.resource_spans:
-                resource = attributes(resource_spans.resource.attributes)
-                for scope_spans in resource_spans.scope_spans:
-                    self.spans += [Received(span, resource) for span in scope_spans.spans]
-        return 200, ExportTraceServiceResponse().SerializeToString()
-
-    def named(self, name: str, message_id: str | None = None) -> Received:
-        found = [
-            received
-            for received in self.spans
-            if received.span.name == name
-            and (message_id is None or received.attributes["messaging.message.id"] == message_id)
-        ]
-        assert len(found) == 1, f"{len(found)} spans named {name!r} ({message_id})"
-        return found[0]
-
-
-def attributes(pairs: Any) -> dict[str, Any]:
-    def value(pair: KeyValue) -> Any:
-        kind = pair.value.WhichOneof("value")
-        return getattr(pair.value, kind) if kind else None
-
-    return {pair.key: value(pair) for pair in pairs}
-
-
 @pytest.fixture
 def receiver() -> Iterator[OtlpReceiver]:
-    state = OtlpReceiver()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            status, reply = state.handle(self.path, self.headers, body)
-            self.send_response(status)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with serve_otlp() as state:
+        yield state
 
 
 def run(snippet: str, env: dict[str, str], nats_url: str) -> int:

@@ -167,3 +167,45 @@ def test_unknown_fields_are_tolerated() -> None:
     raw = msgspec.to_builtins(EVERY_EVENT[0])
     raw["added_later"] = "x"
     assert events.decode(msgspec.msgpack.encode(raw), events.Task, RUN) == EVERY_EVENT[0]
+
+
+def test_optional_fields_keep_old_messages_decoding() -> None:
+    """Fields added later have defaults: a batch or heartbeat encoded without them (by an
+    older producer) still decodes under the same schema version."""
+
+    class OldBatch(msgspec.Struct, kw_only=True, tag_field="kind", tag="batch"):
+        schema: int = events.SCHEMA_VERSION
+        run_id: str
+        policy_version: int
+        batch_id: str
+        task_ids: list[str]
+        samples: list[events.TrainSample]
+
+    class OldHeartbeat(msgspec.Struct, kw_only=True, tag_field="kind", tag="heartbeat"):
+        schema: int = events.SCHEMA_VERSION
+        run_id: str
+        policy_version: int
+        service: str
+        instance: str
+        pid: int
+        time: float
+        busy_seconds: float
+        wait_seconds: float
+        processed: int
+
+    old = OldBatch(run_id=RUN, policy_version=1, batch_id="b", task_ids=["t0"], samples=[])
+    batch = events.decode(msgspec.msgpack.encode(old), events.Batch, RUN)
+    assert batch.traceparents == []
+    beat = OldHeartbeat(
+        run_id=RUN,
+        policy_version=-1,
+        service="reward",
+        instance="h",
+        pid=1,
+        time=1.0,
+        busy_seconds=0.0,
+        wait_seconds=0.0,
+        processed=0,
+    )
+    decoded = events.decode(msgspec.msgpack.encode(beat), events.Heartbeat, RUN)
+    assert (decoded.metrics_port, decoded.metrics) == (0, {})

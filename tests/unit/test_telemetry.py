@@ -3,21 +3,25 @@ every metric the dashboards and alerts query is one the services export."""
 
 from __future__ import annotations
 
-import json
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
+from observability import PROMETHEUS_SERIES, deployed_queries, promql_metric_names
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from miles import telemetry
-from miles.telemetry import tracing
+from miles import events, telemetry
+from miles.telemetry import record, tracing
+from miles.telemetry.metrics import LazyGauge, parse_series_key, series_key
+from miles.telemetry.readout import Readout
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
@@ -60,9 +64,12 @@ def test_public_api() -> None:
         "linked_span",
         "links_from",
         "process_span",
+        "record_span",
+        "root_span",
         "send_span",
         "setup_tracing",
         "shutdown_tracing",
+        "span",
         "start_metrics_server",
     ]
 
@@ -175,6 +182,22 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
     }
 
 
+def exercised(metrics: telemetry.Metrics) -> set[str]:
+    """The sample names a registry really exports once every metric has a value.
+
+    Not ``exported_names``: prometheus-client leaves out what a type would suggest (no
+    ``_sum`` for a histogram with negative buckets), and only a real sample counts.
+    """
+    for metric in vars(metrics).values():
+        if isinstance(metric, telemetry.Family):
+            metric = metric.labels(**dict.fromkeys(metric.label_names, "x"))
+        if isinstance(metric, Histogram):
+            metric.observe(1.0)
+        elif isinstance(metric, (Counter, Gauge, LazyGauge)):
+            metric.inc()
+    return {sample.name for family in metrics.registry.collect() for sample in family.samples}
+
+
 def test_metric_names_follow_the_conventions() -> None:
     metrics = telemetry.Metrics("trainer", "run-1")
     families = list(metrics.registry.collect())
@@ -271,27 +294,6 @@ def _scrape(registry: CollectorRegistry) -> str:
 
 # --- dashboards and alerts query only what the services export ----------------------------------
 
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool"}
-PROMQL_KEYWORDS |= {"and", "or", "unless", "offset", "inf", "nan"}
-PROMETHEUS_SERIES = {"up"}
-"""Series Prometheus writes itself for every target."""
-
-
-def promql_metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression: identifiers that are not functions, keywords,
-    label names, durations or Grafana variables."""
-    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings (label values, formats)
-    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
-    expr = re.sub(r"\[[^\]]*\]", "", expr)  # range selectors and subqueries
-    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
-    expr = re.sub(r"\boffset\s+-?[0-9a-z]+", "", expr)
-    expr = re.sub(r"\$\{?\w+\}?", "", expr)  # Grafana variables
-    names = set()
-    for match in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)(\s*\()?", expr):
-        if match.group(2) is None and match.group(1) not in PROMQL_KEYWORDS:
-            names.add(match.group(1))
-    return names
-
 
 def test_promql_tokenizer() -> None:
     expr = (
@@ -302,38 +304,10 @@ def test_promql_tokenizer() -> None:
     assert promql_metric_names(expr) == {"miles_reward_bucket", "miles_reward_count", "miles_step"}
 
 
-def _dashboard_queries(node: object) -> Iterator[str]:
-    if isinstance(node, dict):
-        if isinstance(node.get("expr"), str):
-            yield node["expr"]
-        for value in node.values():
-            yield from _dashboard_queries(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _dashboard_queries(item)
-
-
-def _queries() -> list[tuple[str, str]]:
-    queries = []
-    for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
-        dashboard = json.loads(path.read_text())
-        queries += [(path.name, expr) for expr in _dashboard_queries(dashboard["panels"])]
-        for variable in dashboard["templating"]["list"]:
-            query = variable["query"]
-            query = query["query"] if isinstance(query, dict) else query
-            metric = re.fullmatch(r"label_values\((\w+),\s*\w+\)", query)
-            assert metric, f"{path.name}: variable {variable['name']}: {query}"
-            queries.append((path.name, metric.group(1)))
-    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
-    for group in alerts["groups"]:
-        queries += [(f"alerts.yml {rule['alert']}", rule["expr"]) for rule in group["rules"]]
-    return queries
-
-
 def test_dashboards_and_alerts_query_exported_metrics() -> None:
-    exported = exported_names(telemetry.Metrics("trainer", "run-1").registry)
+    exported = exercised(telemetry.Metrics("trainer", "run-1"))
     exported |= PROMETHEUS_SERIES
-    queries = _queries()
+    queries = deployed_queries()
     assert len(queries) > 40
     used: set[str] = set()
     for where, expr in queries:
@@ -372,3 +346,135 @@ def test_prometheus_scrapes_the_five_services() -> None:
         "buffer": (["buffer"], 9104),
         "trainer": (["trainer"], 9105),
     }
+
+
+# --- what a heartbeat carries, and reading it back ---------------------------------------------
+
+
+def test_snapshot_round_trips_through_series_keys() -> None:
+    metrics = telemetry.Metrics("trainer", "run-1")
+    metrics.bleed_ratio.labels(side="trainer_waiting_for_data").set(0.25)
+    metrics.steps_committed.inc(3)
+    snapshot = metrics.snapshot()
+    assert snapshot['miles_bleed_ratio{side="trainer_waiting_for_data"}'] == 0.25
+    assert snapshot["miles_steps_committed_total"] == 3
+    assert not any(key.endswith("_created") for key in snapshot)
+    for key in snapshot:
+        name, labels = parse_series_key(key)
+        assert series_key(name, labels) == key
+        assert "run_id" not in labels and "service" not in labels
+
+
+def test_gauges_are_exported_once_set() -> None:
+    """A reward process must not export ``miles_train_loss 0``: max() across services would
+    then read 0 whatever the trainer's (negative) loss is."""
+    metrics = telemetry.Metrics("reward", "run-1")
+    assert "miles_train_loss" not in metrics.snapshot()
+    metrics.train_loss.set(-0.5)
+    assert metrics.snapshot()["miles_train_loss"] == -0.5
+
+
+def test_process_metrics_carry_run_and_service() -> None:
+    metrics = telemetry.Metrics("buffer", "run-7")
+    labels = {"run_id": "run-7", "service": "buffer"}
+    cpu = metrics.registry.get_sample_value("miles_process_cpu_seconds_total", labels)
+    assert cpu is not None and cpu > 0
+
+
+def test_reward_mean_comes_from_the_running_sum() -> None:
+    metrics = telemetry.Metrics("reward", "run-1")
+    group = events.ScoredGroup(
+        run_id="run-1", policy_version=0, task_id="t0", split="train", eval_round=-1, samples=[]
+    )
+    record.scored(metrics, group, [{"exact": 1.0}, {"exact": -1.0}, {"exact": 0.5}, {}])
+    snapshot = metrics.snapshot()
+    assert 'miles_reward_sum{reward_fn="exact"}' not in snapshot  # negative buckets: no _sum
+    assert snapshot['miles_reward_running_sum{reward_fn="exact"}'] == 0.5
+    assert snapshot['miles_reward_count{reward_fn="exact"}'] == 3
+    evaluation = msgspec.structs.replace(group, split="eval")
+    record.scored(metrics, evaluation, [{"exact": 1.0}])  # held out: counted, not in the histogram
+    assert metrics.snapshot()['miles_reward_count{reward_fn="exact"}'] == 3
+
+
+def test_trained_records_signals_and_splits_cpu_by_phase() -> None:
+    metrics = telemetry.Metrics("trainer", "run-1")
+    samples = [
+        events.TrainSample(
+            sample_id=f"t0/{i}",
+            prompt_ids=[1],
+            response_ids=[2, 3],
+            response_logprobs=[-0.5, -1.5],
+            advantage=0.0,
+            reward=1.0,
+            policy_version=version,
+        )
+        for i, version in enumerate((3, 2))
+    ]
+    result = {
+        "loss": -0.1,
+        "grad_norm": 2.0,
+        "seconds_forward_backward": 3.0,
+        "seconds_optimizer": 1.0,
+        "cpu_seconds": 8.0,
+    }
+    record.trained(metrics, samples, result, version=3)
+    snapshot = metrics.snapshot()
+    assert snapshot["miles_train_loss"] == -0.1
+    assert snapshot["miles_train_entropy"] == 1.0  # mean of -logprob over sampled tokens
+    assert snapshot["miles_sample_staleness_sum"] == 1  # versions 3 and 2 trained at 3
+    cpu = 'miles_phase_cpu_seconds_total{phase="%s"}'
+    assert (snapshot[cpu % "train_forward_backward"], snapshot[cpu % "optimizer"]) == (6.0, 2.0)
+
+
+def test_reward_histogram_counts_per_bucket() -> None:
+    counts = record.reward_histogram([0.0, 1.0, 1.0, -3.0, 7.0, 0.05])
+    assert counts["0.0"] == 1 and counts["1.0"] == 2 and counts["0.1"] == 1
+    assert counts["-1.0"] == 1 and counts["+Inf"] == 1
+    assert sum(counts.values()) == 6
+
+
+def test_bleed_window() -> None:
+    metrics = telemetry.Metrics("trainer", "run-1")
+    window = record.BleedWindow(metrics, "trainer_waiting_for_data")
+    with window.waiting():
+        time.sleep(0.05)
+    time.sleep(0.05)
+    window.close()
+    labels = {"run_id": "run-1", "service": "trainer", "side": "trainer_waiting_for_data"}
+    ratio = metrics.registry.get_sample_value("miles_bleed_ratio", labels)
+    assert ratio is not None and 0.3 < ratio < 0.7
+    assert window.waited == 0.0  # the next window starts empty
+
+
+def beat(service: str, instance: str, at: float, metrics: dict[str, float]) -> dict:
+    return {"service": service, "instance": instance, "time": at, "metrics": metrics}
+
+
+def test_readout_sums_counters_and_reads_current_gauges() -> None:
+    bleed = 'miles_bleed_ratio{side="trainer_waiting_for_data"}'
+    phase = 'miles_phase_seconds_total{phase="rollout"}'
+    beats = [
+        # a crashed rollout's last beat, and its restarted successor: counters add up
+        beat("rollout", "old", 100.0, {phase: 5.0, "miles_policy_version": 1}),
+        beat("rollout", "new", 200.0, {phase: 2.0, "miles_policy_version": 4}),
+        beat("trainer", "t", 200.0, {bleed: 0.4, "miles_policy_version": 4}),
+        beat(
+            "reward",
+            "r",
+            200.0,
+            {
+                'miles_reward_running_sum{reward_fn="exact"}': 3.0,
+                'miles_reward_count{reward_fn="exact"}': 4.0,
+            },
+        ),
+        beat("coordinator", "c", 200.0, {'miles_restarts_total{restarted_service="rollout"}': 1}),
+    ]
+    key = Readout(beats).key_metrics()
+    assert key["phase_seconds"] == {"rollout": 7.0}
+    assert key["policy_version"] == 4  # the stale instance's gauge is not current
+    assert key["bleed_ratio"] == {
+        "trainer_waiting_for_data": 0.4,
+        "rollout_waiting_for_weights": None,
+    }
+    assert key["reward_mean"] == 0.75
+    assert key["restarts"] == {"rollout": 1}

@@ -16,9 +16,12 @@ from miles.telemetry.tracing import (
     linked_span,
     links_from,
     process_span,
+    record_span,
+    root_span,
     send_span,
     setup_tracing,
     shutdown_tracing,
+    span,
 )
 
 __all__ = [
@@ -34,8 +37,11 @@ __all__ = [
     "linked_span",
     "links_from",
     "process_span",
+    "record_span",
+    "root_span",
     "send_span",
     "setup_tracing",
     "shutdown_tracing",
+    "span",
     "start_metrics_server",
 ]

@@ -19,6 +19,10 @@ Progress
 
 Learning signals
 - ``miles_reward{reward_fn}``: histogram of rewards per reward function (buckets fit [-1, 1]).
+  Its buckets go below 0, so prometheus-client exports no ``_sum`` (OpenMetrics forbids a
+  sum that can fall); the mean comes from ``miles_reward_running_sum`` instead.
+- ``miles_reward_running_sum{reward_fn}``: the sum of every reward observed, a gauge (it falls
+  with negative rewards): the mean over a window is ``delta(running_sum) / increase(count)``.
 - ``miles_groups_filtered_total{reason}``: groups dropped (zero_variance, stale, failed, ...).
 - ``miles_train_loss``, ``miles_train_kl``, ``miles_train_entropy``, ``miles_train_grad_norm``:
   the last step's loss, KL to the reference, token entropy and gradient norm.
@@ -52,9 +56,10 @@ Bus and resources
 from __future__ import annotations
 
 import contextlib
+import re
 import time
-from collections.abc import Iterator
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -64,6 +69,8 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 Phase = Literal[
     "rollout",  # generating a group (rollout)
@@ -90,12 +97,27 @@ M = TypeVar("M", Counter, Gauge, Histogram)
 class Family(Generic[M]):
     """A labelled metric with ``run_id`` and ``service`` bound: ``family.labels(reason=...)``."""
 
-    def __init__(self, metric: M, bound: dict[str, str]) -> None:
+    def __init__(self, metric: M, bound: dict[str, str], label_names: tuple[str, ...] = ()) -> None:
         self._metric: M = metric
         self._bound = bound
+        self.label_names = label_names
+        """The labels ``labels`` takes."""
 
     def labels(self, **labels: str) -> M:
         return self._metric.labels(**self._bound, **labels)
+
+
+class LazyGauge:
+    """One gauge of this process, created (and so exported) by its first ``set``."""
+
+    def __init__(self, family: Family[Gauge]) -> None:
+        self._family = family
+
+    def set(self, value: float) -> None:
+        self._family.labels().set(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._family.labels().inc(amount)
 
 
 class Metrics:
@@ -104,15 +126,17 @@ class Metrics:
     def __init__(self, service: str, run_id: str) -> None:
         self.registry = CollectorRegistry()
         self._bound = {"run_id": run_id, "service": service}
-        ProcessCollector(namespace="miles", registry=self.registry)
+        self.registry.register(
+            _Labelled(ProcessCollector(namespace="miles", registry=None), self._bound)
+        )
         self._gpus = _Nvml.open()
 
         # Progress
-        self.policy_version = self._one(Gauge, "miles_policy_version", "newest policy version")
-        self.step = self._one(Gauge, "miles_step", "last committed step")
+        self.policy_version = self._gauge("miles_policy_version", "newest policy version")
+        self.step = self._gauge("miles_step", "last committed step")
         self.steps_committed = self._one(Counter, "miles_steps_committed_total", "steps committed")
-        self.last_step_timestamp = self._one(
-            Gauge, "miles_last_step_timestamp_seconds", "Unix time of the last committed step"
+        self.last_step_timestamp = self._gauge(
+            "miles_last_step_timestamp_seconds", "Unix time of the last committed step"
         )
         self.step_duration = self._one(
             Histogram, "miles_step_duration_seconds", "wall time per step", buckets=STEP_BUCKETS
@@ -138,15 +162,19 @@ class Metrics:
         self.reward = self._by(
             Histogram, "miles_reward", "reward per sample", "reward_fn", buckets=REWARD_BUCKETS
         )
+        self.reward_running_sum = self._by(
+            Gauge,
+            "miles_reward_running_sum",
+            "sum of every reward observed (falls with negative rewards: use delta, not rate)",
+            "reward_fn",
+        )
         self.groups_filtered = self._by(
             Counter, "miles_groups_filtered_total", "groups dropped by the buffer", "reason"
         )
-        self.train_loss = self._one(Gauge, "miles_train_loss", "last step's loss")
-        self.train_kl = self._one(Gauge, "miles_train_kl", "last step's KL to the reference")
-        self.train_entropy = self._one(Gauge, "miles_train_entropy", "last step's entropy")
-        self.train_grad_norm = self._one(
-            Gauge, "miles_train_grad_norm", "last step's gradient norm"
-        )
+        self.train_loss = self._gauge("miles_train_loss", "last step's loss")
+        self.train_kl = self._gauge("miles_train_kl", "last step's KL to the reference")
+        self.train_entropy = self._gauge("miles_train_entropy", "last step's entropy")
+        self.train_grad_norm = self._gauge("miles_train_grad_norm", "last step's gradient norm")
 
         # Off-policy lag
         self.sample_staleness = self._one(
@@ -155,7 +183,7 @@ class Metrics:
             "trainer policy version minus the sample's policy version",
             buckets=STALENESS_BUCKETS,
         )
-        self.buffer_depth = self._one(Gauge, "miles_buffer_depth", "prompt groups held")
+        self.buffer_depth = self._gauge("miles_buffer_depth", "prompt groups held")
 
         # Time breakdown
         self.phase_seconds = self._by(
@@ -174,6 +202,9 @@ class Metrics:
         self.bleed_ratio = self._by(
             Gauge, "miles_bleed_ratio", "time waiting over wall time", "side"
         )
+        for phase in get_args(Phase):  # exported as 0 from the start: increase() sees them all
+            self.phase_seconds.labels(phase=phase)
+            self.phase_cpu_seconds.labels(phase=phase)
 
         # Engines
         self.engine_tokens_per_second = self._by(
@@ -213,12 +244,18 @@ class Metrics:
         )
 
     def _one(self, kind: type[M], name: str, doc: str, **options: Any) -> M:
+        """A counter or histogram, exported from the start: 0 is true of every process."""
         metric = kind(name, doc, BASE_LABELS, registry=self.registry, **options)
         return metric.labels(**self._bound)
 
+    def _gauge(self, name: str, doc: str) -> LazyGauge:
+        """A gauge exported once set: a reward process must not say ``miles_train_loss 0``
+        (or ``max(miles_train_loss)`` would read 0 whatever the trainer says)."""
+        return LazyGauge(Family(Gauge(name, doc, BASE_LABELS, registry=self.registry), self._bound))
+
     def _by(self, kind: type[M], name: str, doc: str, *labels: str, **options: Any) -> Family[M]:
         metric = kind(name, doc, (*BASE_LABELS, *labels), registry=self.registry, **options)
-        return Family(metric, self._bound)
+        return Family(metric, self._bound, labels)
 
     @contextlib.contextmanager
     def phase(self, phase: Phase) -> Iterator[None]:
@@ -235,6 +272,11 @@ class Metrics:
             self.phase_cpu_seconds.labels(phase=phase).inc(time.process_time() - cpu_start)
             for gpu, utilisation in self._gpus.utilisation():
                 self.phase_gpu_utilisation.labels(phase=phase, gpu=gpu).set(utilisation)
+
+    def add_phase(self, phase: Phase, wall_seconds: float, cpu_seconds: float = 0.0) -> None:
+        """Count time measured elsewhere (in a Ray actor) under ``phase``."""
+        self.phase_seconds.labels(phase=phase).inc(max(wall_seconds, 0.0))
+        self.phase_cpu_seconds.labels(phase=phase).inc(max(cpu_seconds, 0.0))
 
     def observe_bleed(self, side: BleedSide, waiting_seconds: float, wall_seconds: float) -> None:
         """Set the bleed ratio of a window (a trainer step, a rollout interval)."""
@@ -258,6 +300,57 @@ class Metrics:
         self.consumer_pending.labels(stream=stream, consumer=consumer).set(pending)
         self.consumer_ack_pending.labels(stream=stream, consumer=consumer).set(ack_pending)
         self.consumer_redelivered.labels(stream=stream, consumer=consumer).set(redelivered)
+
+    def snapshot(self) -> dict[str, float]:
+        """Every sample ``/metrics`` exports now, by ``series_key`` without ``run_id`` and
+        ``service``: what a heartbeat carries to Redis for `miles status` and the live view."""
+        return snapshot(self.registry)
+
+
+def snapshot(registry: CollectorRegistry) -> dict[str, float]:
+    out = {}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_created"):  # the series' start time: no reader needs it
+                continue
+            labels = {k: v for k, v in sample.labels.items() if k not in BASE_LABELS}
+            out[series_key(sample.name, labels)] = float(sample.value)
+    return out
+
+
+def series_key(name: str, labels: Mapping[str, str]) -> str:
+    """``name{a="x",b="y"}`` (labels sorted), or ``name``: the exposition's spelling."""
+    if not labels:
+        return name
+    return name + "{" + ",".join(f'{k}="{labels[k]}"' for k in sorted(labels)) + "}"
+
+
+_KEY = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse_series_key(key: str) -> tuple[str, dict[str, str]]:
+    """The inverse of ``series_key``."""
+    match = _KEY.match(key)
+    if match is None:
+        raise ValueError(f"not a series key: {key!r}")
+    return match.group(1), dict(_LABEL.findall(match.group(2) or ""))
+
+
+class _Labelled(Collector):
+    """Another collector's samples with ``run_id`` and ``service`` added, so the process
+    metrics (CPU, memory) can be selected per run and service like every other one."""
+
+    def __init__(self, inner: Collector, labels: dict[str, str]) -> None:
+        self._inner = inner
+        self._labels = labels
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, {**sample.labels, **self._labels}, sample.value)
+            yield labelled
 
 
 def start_metrics_server(

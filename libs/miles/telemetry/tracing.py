@@ -236,12 +236,14 @@ def process_span(
     consumer_group: str,
     parent_headers: Mapping[str, str] | None,
     links: Sequence[Link] = (),
+    start_time: int | None = None,
 ) -> Iterator[Span]:
     """A CONSUMER span ``process <subject>`` around handling one message, made current.
 
     Its parent is the producer's span from ``parent_headers`` (so the sample's journey stays one
     trace); with no context in the headers it starts a new trace. ``consumer_group`` is the
-    durable consumer the replicas share.
+    durable consumer the replicas share. ``start_time`` (ns since the epoch) backdates the span
+    to when handling began, for handlers that batch work and open the span afterwards.
     """
     attributes = _messaging_attributes(subject, message_id, "process")
     attributes["messaging.consumer.group.name"] = consumer_group
@@ -251,8 +253,34 @@ def process_span(
         kind=SpanKind.CONSUMER,
         attributes=attributes,
         links=links,
+        start_time=start_time,
     ) as span:
         yield span
+
+
+@contextlib.contextmanager
+def root_span(
+    name: str, attributes: Attributes = None, links: Sequence[Link] = ()
+) -> Iterator[Span]:
+    """An INTERNAL span that starts a new trace whatever is current: one task's journey (the
+    coordinator's dispatch), or one batch built from many traces (linked, not joined)."""
+    with _tracer.start_as_current_span(
+        name, context=Context(), attributes=attributes, links=links
+    ) as span:
+        yield span
+
+
+@contextlib.contextmanager
+def span(name: str, attributes: Attributes = None) -> Iterator[Span]:
+    """An INTERNAL span under the current one: a step inside a handler."""
+    with _tracer.start_as_current_span(name, attributes=attributes) as current:
+        yield current
+
+
+def record_span(name: str, start_time: int, end_time: int, attributes: Attributes = None) -> None:
+    """A finished INTERNAL span under the current one, for work timed elsewhere (a batched
+    engine call that served many messages): times in ns since the epoch."""
+    _tracer.start_span(name, start_time=start_time, attributes=attributes).end(end_time=end_time)
 
 
 @contextlib.contextmanager

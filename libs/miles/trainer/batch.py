@@ -10,6 +10,7 @@ causal model sees the same prefix and position ids as the engine did.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,9 @@ class TensorBatch:
     @property
     def num_samples(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device) -> TensorBatch:
+        return TensorBatch(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
 
     @property
     def num_tokens(self) -> int:

@@ -55,7 +55,9 @@ class TorchTrainer:
         self.trainer = trainer
         self.grpo = grpo
         self.update_fn = update_fn
+        self.device = torch.device(trainer.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to oddly
         # Eval mode switches dropout off: the ratio pi_theta / pi_old compares against an engine
         # that sampled without dropout. Gradients flow all the same.
         self.model.eval()
@@ -68,7 +70,7 @@ class TorchTrainer:
         )
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        batch = collate(samples, PAD_ID)
+        batch = collate(samples, PAD_ID).to(self.device)
         if self.update_fn is not None:
             return self.update_fn(self.model, batch, self.optimizer)
 
@@ -96,7 +98,7 @@ class TorchTrainer:
     def load_weights(self, directory: str) -> None:
         """Load policy weights in place; the optimizer moments and the reference are kept."""
         # safetensors' load_model knows that tied parameters were saved once.
-        load_model(self.model, Path(directory) / WEIGHTS_FILE)
+        load_model(self.model, Path(directory) / WEIGHTS_FILE, device=str(self.device))
 
     def save_state(self, directory: str) -> str:
         """Optimizer moments and the RNG, for a resume that continues bit for bit."""
@@ -109,7 +111,9 @@ class TorchTrainer:
 
     def load_state(self, directory: str) -> None:
         # weights_only: tensors and plain containers, nothing else is ever unpickled.
-        state = torch.load(Path(directory) / STATE_FILE, weights_only=True)
+        state = torch.load(
+            Path(directory) / STATE_FILE, map_location=self.device, weights_only=True
+        )
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -176,7 +180,9 @@ class TorchTrainer:
         return policy_loss + grpo.kl_coef * kl, kl.item(), stats, gap.item()
 
     def _autocast(self) -> AbstractContextManager[None]:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.trainer.dtype == "bf16")
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.trainer.dtype == "bf16"
+        )
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:

@@ -1,0 +1,87 @@
+"""GRPO's micro-batch loss on vocab-parallel logits, term for term TorchTrainer's.
+
+With tensor parallelism each rank holds the logits of ``V / tp`` vocabulary entries.
+``tensor_parallel.vocab_parallel_cross_entropy`` returns ``logsumexp(all logits) - logit[target]``
+with the max and the sum all-reduced over the tensor-parallel group, i.e. ``-log p(target)``, and
+its backward is the exact softmax gradient of each rank's slice; the full ``[N, T, V]`` logits are
+never gathered.
+
+The loss is -J of GRPO (Shao et al. 2024, arXiv:2402.03300, eq. 3): the clipped surrogate
+(``miles.algo.clipped_policy_loss``) plus ``kl_coef`` times the KL estimate to the reference, the
+same composition as ``TorchTrainer._micro_batch_loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+from torch import Tensor
+
+from miles.algo import clipped_policy_loss, kl_penalty, masked_aggregate
+from miles.config import GRPOConfig
+from miles.trainer.batch import TensorBatch
+
+METRICS = ("loss", "kl", "clip_frac", "ratio_mean", "engine_gap")
+"""Per-step statistics the loss accumulates, in this order in ``MicroBatchLoss.weighted``."""
+
+
+def vocab_parallel_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """``[N, T - 1]`` float32 log p(input_ids[:, t + 1] | ...) from ``[N, T, V / tp]`` logits."""
+    # fp32 softmax whatever the logits' dtype; contiguous because the cross entropy views its
+    # input as 2-D (and works in place on this copy, never on the model's output).
+    shifted = logits[:, :-1].float().contiguous()
+    return -tensor_parallel.vocab_parallel_cross_entropy(shifted, input_ids[:, 1:].contiguous())
+
+
+@dataclass(frozen=True)
+class MicroBatchLoss:
+    loss: Tensor
+    """The micro-batch loss times its share of the batch: backward of the sum is the batch's."""
+    weighted: Tensor
+    """``METRICS`` as float64, each times its share, so summing over micro-batches and ranks
+    gives the batch value (token-mean statistics are weighted by the token share)."""
+
+
+def grpo_micro_batch_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    micro: TensorBatch,
+    batch: TensorBatch,
+    grpo: GRPOConfig,
+) -> MicroBatchLoss:
+    """``micro`` is one micro-batch of ``batch``; shares are of the whole batch (every rank)."""
+    token_share = micro.num_tokens / batch.num_tokens
+    if grpo.loss_aggregation == "token":
+        share = token_share
+    else:
+        share = micro.num_samples / batch.num_samples
+    # pi_old: the trainer's own pre-update logprobs, detached (ratio 1), or the engine's.
+    old = logprobs.detach() if grpo.old_logprobs == "trainer" else micro.old_logprobs
+    gap = masked_aggregate((logprobs.detach() - micro.old_logprobs).abs(), micro.loss_mask, "token")
+    loss, stats = clipped_policy_loss(
+        logprobs,
+        old,
+        micro.advantages,
+        micro.loss_mask,
+        grpo.eps_low,
+        grpo.eps_high,
+        grpo.loss_aggregation,
+    )
+    kl = torch.zeros(())
+    if ref_logprobs is not None:
+        per_token_kl = kl_penalty(logprobs, ref_logprobs, grpo.kl_estimator)
+        kl = masked_aggregate(per_token_kl, micro.loss_mask, grpo.loss_aggregation)
+        loss = loss + grpo.kl_coef * kl
+    weighted = torch.tensor(
+        [
+            loss.item() * share,
+            kl.item() * share,
+            stats.clip_fraction * token_share,
+            stats.ratio_mean * token_share,
+            gap.item() * token_share,
+        ],
+        dtype=torch.float64,
+    )
+    return MicroBatchLoss(loss=loss * share, weighted=weighted)

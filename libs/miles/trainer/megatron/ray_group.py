@@ -1,0 +1,136 @@
+"""N Megatron ranks as Ray actors in one placement group, driven as one ``TrainerBackend``.
+
+One bundle per rank (``ray.util.placement_group``, ``PACK``: ranks share a node when they fit,
+which keeps gloo traffic on loopback), one actor per bundle
+(``PlacementGroupSchedulingStrategy``). Rank 0's actor picks the rendezvous address on its node;
+every rank then joins the gloo group and builds its ``MegatronTrainer`` concurrently.
+
+Every call goes to every rank (Megatron's collectives need all of them) and the group returns
+rank 0's answer; all ranks return the same metrics and digests anyway. The ranks read the model
+and write checkpoints through paths, so they need one shared filesystem (one node here, or NFS).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import ray.exceptions
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from miles.config import GRPOConfig, TrainerConfig
+from miles.events import TrainSample
+from miles.trainer.megatron.model import MegatronLayout
+
+
+class MegatronRank:
+    """One rank's process: joins the group, then holds that rank's ``MegatronTrainer``."""
+
+    def __init__(self) -> None:
+        self.backend: Any = None
+
+    def rendezvous_address(self) -> str:
+        from miles.trainer.megatron.spawn import free_port
+
+        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+
+    def start(
+        self,
+        rank: int,
+        init_method: str,
+        model_path: str,
+        trainer: TrainerConfig,
+        grpo: GRPOConfig,
+        seed: int,
+        layout: MegatronLayout,
+    ) -> None:
+        # Imported here: the driver that builds the group need not import megatron.
+        from miles.trainer.megatron import distributed
+        from miles.trainer.megatron.backend import MegatronTrainer
+
+        distributed.initialize(rank, layout, init_method, seed)
+        self.backend = MegatronTrainer(model_path, trainer, grpo, seed, layout)
+
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.backend, method)(*args)
+
+
+PLACEMENT_TIMEOUT_SECONDS = 120.0
+
+
+class MegatronRayGroup:
+    """The trainer backend over ``layout.world_size`` rank actors; TorchTrainer's interface."""
+
+    def __init__(
+        self,
+        model_path: str,
+        trainer: TrainerConfig,
+        grpo: GRPOConfig,
+        seed: int,
+        layout: MegatronLayout,
+        cpus_per_rank: float = 1.0,
+    ) -> None:
+        self.placement_group: PlacementGroup = placement_group(
+            [{"CPU": cpus_per_rank}] * layout.world_size, strategy="PACK"
+        )
+        try:
+            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_SECONDS)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.placement_group)
+            raise RuntimeError(
+                f"cannot reserve {layout.world_size} trainer ranks x {cpus_per_rank} CPUs within "
+                f"{PLACEMENT_TIMEOUT_SECONDS:.0f}s; the cluster has "
+                f"{ray.available_resources().get('CPU', 0):.2f} CPUs free: lower trainer.num_cpus, "
+                "rollout.engine_num_cpus or the layout"
+            ) from None
+        remote = ray.remote(MegatronRank)
+        self.ranks: list[Any] = [
+            remote.options(
+                num_cpus=cpus_per_rank,
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.placement_group,
+                    placement_group_bundle_index=rank,
+                ),
+            ).remote()
+            for rank in range(layout.world_size)
+        ]
+        init_method = ray.get(self.ranks[0].rendezvous_address.remote())
+        ray.get(
+            [
+                actor.start.remote(rank, init_method, model_path, trainer, grpo, seed, layout)
+                for rank, actor in enumerate(self.ranks)
+            ]
+        )
+
+    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
+        result: dict[str, float] = self._on_all("train_step", ray.put(samples))
+        return result
+
+    def save_weights(self, directory: str) -> str:
+        return str(self._on_all("save_weights", directory))
+
+    def load_weights(self, directory: str) -> None:
+        self._on_all("load_weights", directory)
+
+    def save_state(self, directory: str) -> str:
+        return str(self._on_all("save_state", directory))
+
+    def load_state(self, directory: str) -> None:
+        self._on_all("load_state", directory)
+
+    def rng_state(self) -> str:
+        """Rank 0's CPU RNG state: every rank seeds the same and draws the same (nothing)."""
+        return str(ray.get(self.ranks[0].call.remote("rng_state")))
+
+    def set_rng_state(self, encoded: str) -> None:
+        self._on_all("set_rng_state", encoded)
+
+    def shutdown(self) -> None:
+        for actor in self.ranks:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)
+
+    def _on_all(self, method: str, *args: Any) -> Any:
+        return ray.get([actor.call.remote(method, *args) for actor in self.ranks])[0]
