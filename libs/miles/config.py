@@ -53,6 +53,13 @@ class RolloutConfig(_Section):
         "serves the same routes on a transformers model.",
     )
     engine_num_gpus: float = Field(0, ge=0, description="Ray GPUs held by each engine actor.")
+    weight_sync: Literal["blob", "distributed"] = Field(
+        "blob",
+        description="blob: engines load each version from the blob store (a shared directory "
+        "or the JetStream Object Store). distributed: the trainer broadcasts it into the "
+        "engines over a process group (gloo here, NCCL on GPUs); an engine that missed a "
+        "broadcast still loads from the blob store.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for a replica's engine bundles."
     )

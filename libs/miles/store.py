@@ -16,6 +16,7 @@ Keys, all under ``miles:run:<run_id>``:
 - ``:filtered_tasks`` task id -> why the buffer dropped its group (hash; counted once)
 - ``:restarts``       service -> how often `miles run` restarted it (the coordinator exports it)
 - ``:stragglers``     engine -> how often it was flagged as a straggler
+- ``:engines``        engine -> its base URL (rollout.weight_sync = "distributed")
 ``miles:runs`` is a sorted set of run ids by start time.
 """
 
@@ -64,6 +65,7 @@ class RunKeys:
         self.filtered_tasks = f"{self.record}:filtered_tasks"
         self.restarts = f"{self.record}:restarts"
         self.stragglers = f"{self.record}:stragglers"
+        self.engines = f"{self.record}:engines"
 
     def manifest(self, step: int) -> str:
         return f"{self.record}:manifest:{step}"
@@ -180,6 +182,18 @@ class RunStore:
 
     async def restarts(self) -> dict[str, int]:
         return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.restarts)).items()}
+
+    async def register_engines(self, urls: dict[str, str]) -> None:
+        """Engine name -> base URL, for a trainer that broadcasts weights into them."""
+        if urls:
+            await self.redis.hset(self.keys.engines, mapping=urls)
+
+    async def forget_engines(self, names: list[str]) -> None:
+        if names:
+            await self.redis.hdel(self.keys.engines, *names)
+
+    async def engine_urls(self) -> list[str]:
+        return sorted(set((await self.redis.hgetall(self.keys.engines)).values()))
 
     async def count_straggler(self, engine: str) -> None:
         await self.redis.hincrby(self.keys.stragglers, engine, 1)

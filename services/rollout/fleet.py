@@ -32,7 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from miles import faults
 from miles.config import MilesConfig, RolloutConfig
-from miles.engine.sglang_client import SGLangConnectionError, SGLangEngine
+from miles.engine.sglang_client import SGLangConnectionError, SGLangEngine, SGLangError
 from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
 from miles.generation import EngineHandle, EngineReset
 
@@ -222,6 +222,21 @@ class EngineFleet:
             engine.slow_rounds = engine.slow_rounds + 1 if slow else 0
             if engine.slow_rounds >= self.rollout.straggler_patience:
                 await self._straggler(engine, median)
+
+    def urls(self) -> dict[str, str]:
+        """Engine name -> base URL of its server (drained stragglers excluded)."""
+        return {e.handle.name: e.handle.client.base_url for e in self.engines if not e.drained}
+
+    async def refresh_versions(self) -> None:
+        """Ask each engine which weights it holds (the trainer may have broadcast new ones)."""
+
+        async def ask(handle: EngineHandle) -> None:
+            with contextlib.suppress(*ENGINE_DIED, SGLangError):
+                handle.weight_version = max(
+                    handle.weight_version, await handle.client.weight_version()
+                )
+
+        await asyncio.gather(*(ask(e.handle) for e in self.engines))
 
     def engine_health(self) -> list[tuple[str, float | None, bool]]:
         """(name, tokens/s of its last round, drained) per engine, for the metrics."""

@@ -12,6 +12,7 @@ from typing import Any
 from miles.config import MilesConfig
 from miles.events import TrainSample
 from miles.recipe import load_recipe
+from miles.trainer.broadcast import WeightBroadcaster, unique_tensors
 from miles.trainer.torch_backend import STATE_FILE as TORCH_STATE_FILE
 from miles.trainer.torch_backend import TorchTrainer
 
@@ -22,6 +23,7 @@ class TrainerActor:
         recipe = load_recipe(recipe_path)
         assert config.model.path is not None, "model.path is required"
         trainer = config.trainer
+        self.broadcaster: WeightBroadcaster | None = None
         self.backend: Any
         if trainer.backend == "megatron":  # imported here: megatron-core is an optional extra
             from miles.trainer.megatron.checkpoint import STATE_FILE as MEGATRON_STATE_FILE
@@ -60,6 +62,16 @@ class TrainerActor:
         cpu = time.process_time()
         metrics = self.backend.train_step(samples)
         return {**metrics, "cpu_seconds": time.process_time() - cpu}
+
+    def broadcast(self, urls: list[str], version: int) -> list[str]:
+        """Send the weights to the engines at ``urls`` (rollout.weight_sync = "distributed")."""
+        if not isinstance(self.backend, TorchTrainer):
+            raise NotImplementedError("the distributed weight sync needs trainer.backend='torch'")
+        if self.broadcaster is None:  # NCCL when the weights live on a GPU, else gloo
+            on_gpu = self.backend.device.type == "cuda"
+            self.broadcaster = WeightBroadcaster("nccl" if on_gpu else "gloo")
+        named = unique_tensors(self.backend.model.state_dict())
+        return self.broadcaster.send(urls, named, version)
 
     def state_file_name(self) -> str:
         """The file of a full-state directory whose sha256 ``save_state`` returns."""

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import ray
+from nats.aio.msg import Msg
 
 from miles import events, faults, raycluster, telemetry
 from miles.blobs import BlobStore
@@ -115,12 +116,23 @@ async def main(ctx: ServiceContext) -> None:
                 )
                 await commit(ctx, manifest)
                 faults.crash_point("trainer.committed")
+                if config.rollout.weight_sync == "distributed":
+                    await broadcast(ctx, actor, step, msg)
                 await announce(ctx, manifest)
                 await msg.ack()
                 ctx.clock.processed += 1
                 ctx.metrics.commit_step(step, step, time.monotonic() - started)
             bleed.close()
             log.info("step %d: loss %.4f reward %.3f", step, metrics["loss"], manifest.reward_mean)
+
+
+async def broadcast(ctx: ServiceContext, actor: Any, step: int, msg: Msg) -> None:
+    """Push the committed weights into the live engines before announcing them: an engine
+    the broadcast missed loads the same version from the blob store instead."""
+    urls = await ctx.store.engine_urls()
+    with ctx.metrics.phase("weight_publish"), version_span("broadcast weights", step):
+        reached = await ctx.bus.hold(actor.broadcast.remote(urls, step), [msg])
+    log.info("broadcast v%d into %d of %d engine(s)", step, len(reached), len(urls))
 
 
 def trainer_resources(trainer: TrainerConfig) -> dict[str, float]:

@@ -252,6 +252,11 @@ class SGLangEngine:
     async def continue_generation(self) -> None:
         await self._call("POST", "/continue_generation", {}, idempotent=True)
 
+    async def miles_weights_checksum(self) -> dict[str, str]:
+        """sha256 per weight name: miles' CPU server only (``/miles/weights_checksum``)."""
+        content = await self._call("GET", "/miles/weights_checksum", None, idempotent=True)
+        return dict(msgspec.json.decode(content)["checksums"])
+
     async def weight_version(self) -> int:
         content = await self._call("GET", "/get_model_info", None, idempotent=True)
         info = self._decode(content, _ModelInfo, "/get_model_info")
