@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: help venv system-deps demo test test-unit test-integration test-e2e check fmt lint types contracts bench clean
+.PHONY: help venv system-deps demo test test-unit test-integration test-e2e test-chaos check fmt lint types contracts bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
