@@ -151,6 +151,12 @@ class TrainerConfig(_Section):
 
 class CoordinatorConfig(_Section):
     eval_every: int = Field(5, ge=1, description="Evaluate greedy accuracy every K steps.")
+    eval_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="An evaluation still missing results after this is recorded with those it "
+        "has (an eval task can be lost for good: dead-lettered, or its output oversized).",
+    )
     max_groups_in_flight: int = Field(64, ge=1, description="Tasks dispatched, not yet done.")
     heartbeat_seconds: float = Field(2.0, gt=0)
     correct_reward: float = Field(

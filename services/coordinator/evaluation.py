@@ -18,10 +18,17 @@ class EvalRound:
     correct: dict[str, bool] = field(default_factory=dict)
     versions: set[int] = field(default_factory=set)
     recorded: bool = False
+    deadline: float = float("inf")
+    """Monotonic time after which the round is recorded with the results it has: an eval task
+    lost for good (dead-lettered, dropped as oversized) must not hold the run forever."""
 
     @property
     def complete(self) -> bool:
         return self.recorded or len(self.rewards) >= len(self.task_ids)
+
+    @property
+    def overdue(self) -> bool:
+        return not self.recorded and time.monotonic() > self.deadline
 
     @classmethod
     def recorded_round(cls, round_: int) -> EvalRound:
@@ -56,7 +63,8 @@ async def dispatch_eval(ctx: ServiceContext, round_: int, prompts: list[Prompt])
         with telemetry.root_span("dispatch", {"miles.task_id": task.task_id}):
             await ctx.bus.publish(ctx.subjects.tasks, task, msg_id=task.task_id)
         task_ids.add(task.task_id)
-    return EvalRound(round_, task_ids)
+    deadline = time.monotonic() + ctx.config.coordinator.eval_timeout_seconds
+    return EvalRound(round_, task_ids, deadline=deadline)
 
 
 def record_result(
@@ -72,13 +80,15 @@ def record_result(
 
 
 def summarize(done: EvalRound) -> dict[str, object]:
+    """The round's accuracy over the results that arrived (``n`` of ``expected``)."""
     n = len(done.rewards)
     return {
         "round": done.round,
         "after_step": done.round,
         "policy_versions": sorted(done.versions),
-        "accuracy": sum(done.correct.values()) / n,
-        "reward_mean": sum(done.rewards.values()) / n,
+        "accuracy": sum(done.correct.values()) / n if n else 0.0,
+        "reward_mean": sum(done.rewards.values()) / n if n else 0.0,
         "n": n,
+        "expected": len(done.task_ids),
         "time": time.time(),
     }

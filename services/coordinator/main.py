@@ -69,14 +69,17 @@ async def main(ctx: ServiceContext) -> None:
                         record_result(rounds, event, config.coordinator.correct_reward)
                         done = rounds.get(event.eval_round)
                         if done is not None and done.complete and not done.recorded:
-                            result = summarize(done)
-                            done.recorded = True
-                            await store.add_eval(result)
-                            await store.update(accuracy=result["accuracy"], eval_step=done.round)
-                            log.info(
-                                "eval after step %d: accuracy %.3f", done.round, result["accuracy"]
-                            )
+                            await record_round(ctx, done)
                     await msg.ack()
+            for late in [r for r in rounds.values() if r.overdue]:
+                log.warning(
+                    "eval after step %d: %d of %d results after %.0fs; recording it partial",
+                    late.round,
+                    len(late.rewards),
+                    len(late.task_ids),
+                    config.coordinator.eval_timeout_seconds,
+                )
+                await record_round(ctx, late)
             await pacer.refresh()
             if pacer.step >= last_step and all(r.complete for r in rounds.values()):
                 break
@@ -91,3 +94,11 @@ async def main(ctx: ServiceContext) -> None:
         )
         await bus.nc.publish(ctx.subjects.control("stop"), events.encode(stop))
         log.info("run %s finished: %d steps", ctx.run_id, pacer.step)
+
+
+async def record_round(ctx: ServiceContext, done: EvalRound) -> None:
+    result = summarize(done)
+    done.recorded = True
+    await ctx.store.add_eval(result)
+    await ctx.store.update(accuracy=result["accuracy"], eval_step=done.round)
+    log.info("eval after step %d: accuracy %.3f", done.round, result["accuracy"])

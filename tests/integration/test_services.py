@@ -462,6 +462,43 @@ async def test_coordinator_paces_dispatch_by_staleness_gate(
         await h.close()
 
 
+async def test_an_evaluation_missing_results_is_recorded_partial_not_awaited_forever(
+    nats_server: embedded.Server, redis_server: embedded.Server, tmp_path: Path
+) -> None:
+    train = _jsonl(tmp_path / "train.jsonl", [("1+1=", "2")])
+    held_out = _jsonl(tmp_path / "eval.jsonl", [("2+2=", "4"), ("3+3=", "6")])
+    config = _config(
+        nats_server,
+        redis_server,
+        f'data.train_path="{train}"',
+        f'data.eval_path="{held_out}"',
+        "coordinator.eval_timeout_seconds=1.0",
+    )
+    h = await Harness.open(config, _recipe(tmp_path), tmp_path)
+    try:
+        h.start("coordinator", coordinator_main)
+        tasks = await h.bus.pull("tasks", ROLLOUT_CONSUMER)
+        evals = [t for t in await h.collect(tasks, events.Task, 3) if t.split == "eval"]
+        answered = events.ScoredGroup(  # one of two results comes back; the other is lost
+            run_id=h.run_id,
+            policy_version=0,
+            task_id=evals[0].task_id,
+            split="eval",
+            eval_round=0,
+            samples=[_sample(evals[0].task_id, 0, label="4", text="4", reward=1.0)],
+        )
+        await h.publish(h.subjects.eval_scored, answered)
+
+        async def recorded() -> bool:
+            return bool(await h.store.evals())
+
+        await h.wait_for(recorded, timeout=15)
+        [row] = await h.store.evals()
+        assert (row["round"], row["n"], row["expected"], row["accuracy"]) == (0, 1, 2, 1.0)
+    finally:
+        await h.close()
+
+
 def _manifest(run_id: str, step: events.StepCommitted) -> Manifest:
     return Manifest(
         run_id=run_id,
