@@ -32,7 +32,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from miles import embedded
-from miles.blobs import DirBlobStore, ObjectBlobStore, sha256_file
+from miles.blobs import BlobStore, DirBlobStore, ObjectBlobStore, sha256_file
 from miles.engine.sglang_client import SGLangEngine, broadcast_weights, join_weight_update_group
 from miles.engine.sglang_launcher import SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
@@ -100,34 +100,28 @@ async def main() -> None:
             engine = SGLangEngine(base_url)
             results["local disk write (baseline)"] = await timed(args.repeats, local_disk)
 
-            blobs = DirBlobStore(work / "blobs")
+            def through(store: BlobStore) -> Callable[[int], Awaitable[None]]:
+                """Trainer writes, the store carries (sha256-checked), the engine loads."""
 
-            async def disk(version: int) -> None:
-                perturb(model, version)
-                staging = work / f"staging-d{version}"
-                model.save_pretrained(str(staging))
-                sha = sha256_file(staging / "model.safetensors")
-                uri = await blobs.put_dir(staging, f"weights/v{version}")
-                path = await blobs.get_dir(uri, sha)
-                await engine.update_weights_from_disk(str(path), version)
+                async def sync(version: int) -> None:
+                    perturb(model, version)
+                    staging = work / f"staging-{id(store)}-{version}"
+                    model.save_pretrained(str(staging))
+                    sha = sha256_file(staging / "model.safetensors")
+                    uri = await store.put_dir(staging, f"weights/v{version}")
+                    path = await store.get_dir(uri, sha)
+                    await engine.update_weights_from_disk(str(path), version)
 
+                return sync
+
+            disk = through(DirBlobStore(work / "blobs"))
             results["disk (shared directory)"] = await timed(args.repeats, disk)
 
             import nats as nats_py
 
             nc = await nats_py.connect(nats.url)
             objects = ObjectBlobStore(nc.jetstream(timeout=60), "wsync", work / "cache")
-
-            async def object_store(version: int) -> None:
-                perturb(model, version)
-                staging = work / f"staging-o{version}"
-                model.save_pretrained(str(staging))
-                sha = sha256_file(staging / "model.safetensors")
-                uri = await objects.put_dir(staging, f"weights/v{version}")
-                path = await objects.get_dir(uri, sha)
-                await engine.update_weights_from_disk(str(path), version)
-
-            results["JetStream Object Store"] = await timed(args.repeats, object_store)
+            results["JetStream Object Store"] = await timed(args.repeats, through(objects))
             await nc.close()
 
             group = await join_weight_update_group(

@@ -52,8 +52,7 @@ async def main(ctx: ServiceContext) -> None:
     while not ctx.stopping.is_set():
         with ctx.busy():
             await liveness.check()
-            await pacer.refresh()
-            await pacer.dispatch()
+            await pacer.dispatch()  # on the counters refreshed at the end of the last round
         with ctx.waiting():
             arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
         with ctx.busy():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -64,12 +63,6 @@ class ObservedRun:
     prometheus_missing: str
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def serve_prometheus(directory: Path, targets: Path) -> Iterator[Prometheus]:
     """Prometheus scraping the services ``targets`` (the file_sd list `miles run` writes) every
@@ -86,7 +79,7 @@ def serve_prometheus(directory: Path, targets: Path) -> Iterator[Prometheus]:
     }
     config_path = directory / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = embedded.free_port()
     log = (directory / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
+from miles.embedded import free_port
 from miles.engine.protocol import GenerateRequest, SamplingParams
 from miles.engine.sglang_client import (
     SGLangConnectionError,
@@ -34,7 +35,7 @@ from miles.engine.sglang_client import (
     broadcast_weights,
     join_weight_update_group,
 )
-from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess, free_port
+from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
 from miles.engine.transformers_engine import WEIGHTS_FILE, TransformersEngine
 

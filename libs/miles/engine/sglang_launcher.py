@@ -21,7 +21,6 @@ import ctypes
 import ctypes.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
+
+from miles.embedded import free_port
 
 ServerKind = Literal["sglang", "local"]
 MODULES: dict[ServerKind, str] = {
@@ -44,13 +45,6 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time; the message ends with its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (another process may still take it before the server binds)."""
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def _terminate_with_parent() -> None:

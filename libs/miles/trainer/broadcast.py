@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from miles.embedded import free_port
 from miles.engine.sglang_client import (
     SGLangEngine,
     SGLangError,
@@ -32,12 +33,6 @@ from miles.engine.sglang_server import tensor_checksum
 
 log = logging.getLogger("miles.trainer")
 GROUP = "miles_weights"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 class WeightBroadcaster:
@@ -87,7 +82,7 @@ class WeightBroadcaster:
         self.group = await join_weight_update_group(
             engines,
             address,
-            _free_port(),
+            free_port(""),
             GROUP,
             backend=self.backend,  # type: ignore[arg-type]
         )

@@ -31,9 +31,9 @@ class MegatronRank:
         self.backend: Any = None
 
     def rendezvous_address(self) -> str:
-        from miles.trainer.megatron.spawn import free_port
+        from miles.embedded import free_port
 
-        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+        return f"tcp://{ray.util.get_node_ip_address()}:{free_port('')}"
 
     def start(
         self,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pickle
 import queue
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -17,17 +16,11 @@ from typing import Any, TypeVar
 
 import torch.multiprocessing as mp
 
+from miles.embedded import free_port
 from miles.trainer.megatron import distributed
 from miles.trainer.megatron.model import MegatronLayout
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def run_ranks(
