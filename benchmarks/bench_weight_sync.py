@@ -10,7 +10,9 @@ a separate process spoken to over SGLang's HTTP API) holding the new weights, ve
 - distributed: `/init_weights_update_group` once, then per sync `/update_weights_from_distributed`
                with a gloo broadcast of every tensor from trainer rank 0 (NCCL on GPUs), then
                the engine's per-tensor checksums compared with the trainer's
-- tensor (colocated CUDA IPC handles): GPU only, not measured here.
+- tensor:      `/update_weights_from_tensor` with handles to the trainer's shared memory (the
+               colocated path; CUDA IPC handles on GPUs, not measured here): the engine maps
+               the segments and copies them into its model, then checksums as above
 
 Baseline: writing the same safetensors file to local disk, in the same process. Prints a table
 with ratios and writes benchmarks/results/bench_weight_sync.json. Nothing is asserted.
@@ -36,6 +38,7 @@ from miles.blobs import BlobStore, DirBlobStore, ObjectBlobStore, sha256_file
 from miles.engine.sglang_client import SGLangEngine, broadcast_weights, join_weight_update_group
 from miles.engine.sglang_launcher import SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
+from miles.engine.shared_tensors import serialize_named_tensors
 
 ROOT = Path(__file__).parents[1]
 
@@ -131,17 +134,28 @@ async def main() -> None:
             named = {n: t.detach().contiguous() for n, t in model.state_dict().items()}
             named.pop("lm_head.weight", None)
 
-            async def distributed(version: int) -> None:
-                perturb(model, version)
-                await broadcast_weights([engine], group, named, "bench", version)
+            async def verify() -> None:
                 live = await engine._call("GET", "/miles/weights_checksum", None, idempotent=True)
                 checksums = json.loads(live)["checksums"]
                 sent = {n: tensor_checksum(t) for n, t in named.items()}
                 wrong = [n for n, c in sent.items() if checksums.get(n) != c]
                 if wrong:
-                    raise RuntimeError(f"engine weights differ after broadcast: {wrong[:3]}")
+                    raise RuntimeError(f"engine weights differ after the sync: {wrong[:3]}")
+
+            async def distributed(version: int) -> None:
+                perturb(model, version)
+                await broadcast_weights([engine], group, named, "bench", version)
+                await verify()
 
             results["gloo broadcast (distributed path)"] = await timed(args.repeats, distributed)
+
+            async def shared(version: int) -> None:
+                perturb(model, version)
+                payload = serialize_named_tensors(named)
+                await engine.update_weights_from_tensor([payload], version)
+                await verify()
+
+            results["shared-memory handles (tensor path)"] = await timed(args.repeats, shared)
             await engine.aclose()
         finally:
             server.stop()
@@ -163,7 +177,7 @@ async def main() -> None:
             f"{name:<36}{row['seconds_median']:>8.2f}{row['bytes_per_second'] / 1e6:>9.0f}"
             f"{row['over_local_disk_write']:>13.2f}x"
         )
-    print("tensor / CUDA IPC (colocated): GPU only, not measured here")
+    print("tensor path on GPUs: CUDA IPC handles instead of shared memory, not measured here")
     out = Path(__file__).parent / "results" / "bench_weight_sync.json"
     out.parent.mkdir(exist_ok=True)
     report = {"parameters": params, "bytes": nbytes, "paths": rows}

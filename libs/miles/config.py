@@ -53,12 +53,13 @@ class RolloutConfig(_Section):
         "serves the same routes on a transformers model.",
     )
     engine_num_gpus: float = Field(0, ge=0, description="Ray GPUs held by each engine actor.")
-    weight_sync: Literal["blob", "distributed"] = Field(
+    weight_sync: Literal["blob", "distributed", "tensor"] = Field(
         "blob",
         description="blob: engines load each version from the blob store (a shared directory "
         "or the JetStream Object Store). distributed: the trainer broadcasts it into the "
-        "engines over a process group (gloo here, NCCL on GPUs); an engine that missed a "
-        "broadcast still loads from the blob store.",
+        "engines over a process group (gloo here, NCCL on GPUs). tensor: engines on the "
+        "trainer's node map its memory by handle (CUDA IPC on GPUs, shared memory here). An "
+        "engine that missed a push still loads from the blob store.",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for a replica's engine bundles."
@@ -91,6 +92,21 @@ class RolloutConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list, description="Stop strings (kept in output).")
     tasks_per_fetch: int = Field(8, ge=1, description="Tasks pulled and generated together.")
+
+    @property
+    def pushes_weights(self) -> bool:
+        """The trainer pushes each version into the engines (else they pull it from blobs)."""
+        return self.weight_sync != "blob"
+
+    @property
+    def engine_tp(self) -> int:
+        """Tensor-parallel ranks per engine: SGLang's ``--tp``/``--tp-size`` in sglang_args."""
+        args = self.sglang_args
+        for i, arg in enumerate(args):
+            flag, _, value = arg.partition("=")
+            if flag in ("--tp", "--tp-size", "--tensor-parallel-size"):
+                return int(value or args[i + 1])
+        return 1
 
 
 class GRPOConfig(_Section):
@@ -209,6 +225,15 @@ class MilesConfig(_Section):
     def _grpo_needs_groups(self) -> MilesConfig:
         if self.rollout.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2: GRPO normalises within a group")
+        return self
+
+    @model_validator(mode="after")
+    def _push_needs_one_weight_holder(self) -> MilesConfig:
+        if self.rollout.pushes_weights and self.trainer.backend == "megatron":
+            raise ValueError(
+                f"rollout.weight_sync={self.rollout.weight_sync!r} needs trainer.backend="
+                "'torch': Megatron's weights are sharded over its ranks; use 'blob'"
+            )
         return self
 
     def grpo_resolved(self) -> GRPOConfig:

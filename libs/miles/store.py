@@ -16,7 +16,7 @@ Keys, all under ``miles:run:<run_id>``:
 - ``:filtered_tasks`` task id -> why the buffer dropped its group (hash; counted once)
 - ``:restarts``       service -> how often `miles run` restarted it (the coordinator exports it)
 - ``:stragglers``     engine -> how often it was flagged as a straggler
-- ``:engines``        engine -> its base URL (rollout.weight_sync = "distributed")
+- ``:engines``        engine -> its base URL (a push: rollout.weight_sync != "blob")
 ``miles:runs`` is a sorted set of run ids by start time.
 """
 

@@ -44,7 +44,7 @@ async def main(ctx: ServiceContext) -> None:
         on_straggler=lambda *flag: report_straggler(ctx, *flag),
     )
     await fleet.start()
-    if config.rollout.weight_sync == "distributed":  # the trainer broadcasts into these
+    if config.rollout.pushes_weights:  # the trainer pushes each version into these
         await ctx.store.register_engines(fleet.urls())
     blobs = make_blob_store(config, bus, ctx.run_dir)
     weights = WeightsWatcher(bus)
@@ -75,7 +75,7 @@ async def main(ctx: ServiceContext) -> None:
                 faults.crash_soon("rollout.generating")
                 await generate_and_publish(ctx, fleet, batch)
                 await fleet.check_stragglers()
-                if config.rollout.weight_sync == "distributed":  # replaced engines move
+                if config.rollout.pushes_weights:  # replaced engines move
                     await ctx.store.register_engines(fleet.urls())
                 record.engines(ctx.metrics, fleet.engine_health())
     finally:
@@ -114,9 +114,9 @@ async def sync_weights(
             ctx.metrics.phase("weight_load"),
             telemetry.linked_span("load weights", links, version),
         ):
-            if ctx.config.rollout.weight_sync == "distributed":
-                await fleet.refresh_versions()  # the trainer broadcast before it announced
-            if fleet.weight_version < latest.policy_version:  # blob path, or a missed broadcast
+            if ctx.config.rollout.pushes_weights:
+                await fleet.refresh_versions()  # the trainer pushed before it announced
+            if fleet.weight_version < latest.policy_version:  # blob path, or a missed push
                 path = await blobs.get_dir(latest.uri, latest.sha256)  # verifies the sha256
                 await fleet.load(path, latest.policy_version)
         ctx.metrics.policy_version.set(latest.policy_version)

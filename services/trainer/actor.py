@@ -12,9 +12,15 @@ from typing import Any
 from miles.config import MilesConfig
 from miles.events import TrainSample
 from miles.recipe import load_recipe
-from miles.trainer.broadcast import WeightBroadcaster, unique_tensors
 from miles.trainer.torch_backend import STATE_FILE as TORCH_STATE_FILE
 from miles.trainer.torch_backend import TorchTrainer
+from miles.trainer.weight_push import (
+    Broadcast,
+    SharedTensors,
+    Transport,
+    WeightPush,
+    unique_tensors,
+)
 
 
 class TrainerActor:
@@ -23,7 +29,8 @@ class TrainerActor:
         recipe = load_recipe(recipe_path)
         assert config.model.path is not None, "model.path is required"
         trainer = config.trainer
-        self.broadcaster: WeightBroadcaster | None = None
+        self.rollout = config.rollout
+        self.pusher: WeightPush | None = None
         self.backend: Any
         if trainer.backend == "megatron":  # imported here: megatron-core is an optional extra
             from miles.trainer.megatron.checkpoint import STATE_FILE as MEGATRON_STATE_FILE
@@ -63,15 +70,20 @@ class TrainerActor:
         metrics = self.backend.train_step(samples)
         return {**metrics, "cpu_seconds": time.process_time() - cpu}
 
-    def broadcast(self, urls: list[str], version: int) -> list[str]:
-        """Send the weights to the engines at ``urls`` (rollout.weight_sync = "distributed")."""
+    def push_weights(self, urls: list[str], version: int) -> list[str]:
+        """Push the weights into the engines at ``urls`` (rollout.weight_sync = "distributed"
+        or "tensor"); returns the urls that hold them."""
         if not isinstance(self.backend, TorchTrainer):
-            raise NotImplementedError("the distributed weight sync needs trainer.backend='torch'")
-        if self.broadcaster is None:  # NCCL when the weights live on a GPU, else gloo
-            on_gpu = self.backend.device.type == "cuda"
-            self.broadcaster = WeightBroadcaster("nccl" if on_gpu else "gloo")
+            raise NotImplementedError("pushing weights into engines needs trainer.backend='torch'")
+        if self.pusher is None:
+            transport: Transport
+            if self.rollout.weight_sync == "tensor":
+                transport = SharedTensors(self.rollout.engine_tp)
+            else:  # NCCL when the weights live on a GPU, else gloo
+                transport = Broadcast("nccl" if self.backend.device.type == "cuda" else "gloo")
+            self.pusher = WeightPush(transport)
         named = unique_tensors(self.backend.model.state_dict())
-        return self.broadcaster.send(urls, named, version)
+        return self.pusher.send(urls, named, version)
 
     def state_file_name(self) -> str:
         """The file of a full-state directory whose sha256 ``save_state`` returns."""

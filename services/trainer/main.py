@@ -116,8 +116,8 @@ async def main(ctx: ServiceContext) -> None:
                 )
                 await commit(ctx, manifest)
                 faults.crash_point("trainer.committed")
-                if config.rollout.weight_sync == "distributed":
-                    await broadcast(ctx, actor, step, msg)
+                if config.rollout.pushes_weights:
+                    await push_weights(ctx, actor, step, msg)
                 await announce(ctx, manifest)
                 await msg.ack()
                 ctx.clock.processed += 1
@@ -126,13 +126,14 @@ async def main(ctx: ServiceContext) -> None:
             log.info("step %d: loss %.4f reward %.3f", step, metrics["loss"], manifest.reward_mean)
 
 
-async def broadcast(ctx: ServiceContext, actor: Any, step: int, msg: Msg) -> None:
+async def push_weights(ctx: ServiceContext, actor: Any, step: int, msg: Msg) -> None:
     """Push the committed weights into the live engines before announcing them: an engine
-    the broadcast missed loads the same version from the blob store instead."""
+    the push missed loads the same version from the blob store instead."""
     urls = await ctx.store.engine_urls()
-    with ctx.metrics.phase("weight_publish"), version_span("broadcast weights", step):
-        reached = await ctx.bus.hold(actor.broadcast.remote(urls, step), [msg])
-    log.info("broadcast v%d into %d of %d engine(s)", step, len(reached), len(urls))
+    how = ctx.config.rollout.weight_sync
+    with ctx.metrics.phase("weight_publish"), version_span(f"push weights ({how})", step):
+        reached = await ctx.bus.hold(actor.push_weights.remote(urls, step), [msg])
+    log.info("pushed v%d (%s) into %d of %d engine(s)", step, how, len(reached), len(urls))
 
 
 def trainer_resources(trainer: TrainerConfig) -> dict[str, float]:

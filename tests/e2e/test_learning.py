@@ -74,21 +74,24 @@ def test_the_demo_learns_on_the_megatron_backend_too(tmp_path: Path) -> None:
     assert learned["accuracy_after"] - learned["accuracy_before"] >= MARGIN, learned
 
 
-def test_the_trainer_can_broadcast_weights_into_the_engines(tmp_path: Path) -> None:
-    """`rollout.weight_sync = "distributed"`: each committed version goes from the trainer
-    into the engine over a process group (gloo: the NCCL path's protocol), checked by
-    per-tensor checksums, and the engine never needs the blob store."""
+@pytest.mark.parametrize("weight_sync", ["distributed", "tensor"])
+def test_the_trainer_can_push_weights_into_the_engines(tmp_path: Path, weight_sync: str) -> None:
+    """The trainer pushes each committed version into the engine, checked by per-tensor
+    checksums, and the engine never needs the blob store. `distributed`: over a process group
+    (gloo: the NCCL path's protocol). `tensor`: `/update_weights_from_tensor` with handles to
+    the trainer's memory (shared memory: the CUDA IPC path's protocol)."""
     steps = 6
+    run_id = f"e2e-push-{weight_sync}"
     learned = run_demo(
         tmp_path,
-        "e2e-broadcast",
-        *("--set", "rollout.weight_sync=distributed", "--set", f"run.steps={steps}"),
+        run_id,
+        *("--set", f"rollout.weight_sync={weight_sync}", "--set", f"run.steps={steps}"),
         *("--set", f"coordinator.eval_every={steps}", "--set", "data.eval_size=100"),
     )
     assert learned["steps"] == steps
     assert learned["accuracy_after"] - learned["accuracy_before"] >= MARGIN, learned
-    logs = tmp_path / "e2e-broadcast" / "logs"
+    logs = tmp_path / run_id / "logs"
     trainer = (logs / "trainer.log").read_text()
     for version in range(1, steps + 1):
-        assert f"broadcast v{version} into 1 of 1 engine(s)" in trainer
+        assert f"pushed v{version} ({weight_sync}) into 1 of 1 engine(s)" in trainer
     assert "engines now at policy version" not in (logs / "rollout.log").read_text()

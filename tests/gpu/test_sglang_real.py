@@ -27,6 +27,7 @@ from miles.engine.sglang_client import (
     join_weight_update_group,
 )
 from miles.engine.sglang_launcher import SGLangServerProcess, free_port
+from miles.engine.shared_tensors import serialize_named_tensors
 
 pytest.importorskip("sglang")
 pytestmark = [
@@ -122,3 +123,21 @@ async def test_nccl_broadcast_reaches_the_server(
         assert await answer.json() == pytest.approx([0.5] * 4)
     assert await engine.weight_version() == version
     await engine.destroy_weights_update_group("nccl-test")
+
+
+async def test_cuda_ipc_handles_reach_the_server(
+    engine: SGLangEngine, server: SGLangServerProcess
+) -> None:
+    """The colocated path: this process holds a tensor on the server's GPU (cuda:0) and sends
+    only its CUDA IPC handle; the server maps it and loads it."""
+    config = Path(os.environ["MILES_SGLANG_MODEL"], "config.json")
+    hidden_size = int(json.loads(config.read_text())["hidden_size"])
+    norm = torch.full((hidden_size,), 0.25, device="cuda:0", dtype=torch.bfloat16)
+    version = await engine.weight_version() + 1
+    payload = serialize_named_tensors({"model.norm.weight": norm})
+    await engine.update_weights_from_tensor([payload], version)
+    async with aiohttp.ClientSession() as session:
+        query = {"name": "model.norm.weight", "truncate_size": 4}
+        answer = await session.post(server.base_url + "/get_weights_by_name", json=query)
+        assert await answer.json() == pytest.approx([0.25] * 4)
+    assert await engine.weight_version() == version

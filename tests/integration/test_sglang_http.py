@@ -37,6 +37,7 @@ from miles.engine.sglang_client import (
 )
 from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
+from miles.engine.shared_tensors import serialize_named_tensors
 from miles.engine.transformers_engine import WEIGHTS_FILE, TransformersEngine
 
 pytestmark = pytest.mark.integration
@@ -212,28 +213,63 @@ async def test_weights_broadcast_over_a_gloo_group_reach_the_server(
     group = await join_weight_update_group(
         [engine], "127.0.0.1", free_port(), group_name, backend="gloo"
     )
-    generator = torch.Generator().manual_seed(1)
-    sent = {
-        name: torch.randn(tensor.shape, generator=generator)
-        for name, tensor in load_file(tiny_model / WEIGHTS_FILE).items()
-        if "layers.0." in name or name == "model.norm.weight"
-    }
+    sent = random_weights(tiny_model, ("layers.0.", "model.norm.weight"), seed=1)
     version = await engine.weight_version() + 1
     await broadcast_weights([engine], group, sent, group_name, version)
     try:
-        async with aiohttp.ClientSession() as session:
-            answer = await session.get(server.base_url + "/miles/weights_checksum")
-            served = await answer.json()
-        assert served["weight_version"] == str(version)
-        assert {n: served["checksums"][n] for n in sent} == {
-            n: tensor_checksum(t) for n, t in sent.items()
-        }
+        await assert_served(server, sent, version)
         unknown = {"no.such.weight": torch.zeros(2)}
         with pytest.raises(SGLangHTTPError, match="unknown names"):
             await broadcast_weights([engine], group, unknown, group_name, version + 1)
     finally:
         await engine.destroy_weights_update_group(group_name)
         await restore(engine, tiny_model)
+
+
+async def test_weights_by_shared_memory_handle_reach_the_server(
+    engine: SGLangEngine, server: SGLangServerProcess, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`/update_weights_from_tensor` as a colocated trainer calls it: handles to this process's
+    memory (CUDA IPC on GPUs), which the server maps, checks and copies into its model."""
+    sent = random_weights(tiny_model, ("layers.1.",), seed=2)
+    version = await engine.weight_version() + 1
+    await engine.update_weights_from_tensor([serialize_named_tensors(sent)], version)
+    try:
+        await assert_served(server, sent, version)
+        misfit = {next(iter(sent)): torch.zeros(3)}
+        with pytest.raises(SGLangHTTPError, match="wrong shapes"):
+            await engine.update_weights_from_tensor([serialize_named_tensors(misfit)], 10**6)
+        marker = tmp_path / "ran"
+        code = f"cos\nsystem\n(S'touch {marker}'\ntR.".encode()  # os.system, protocol 0
+        with pytest.raises(SGLangHTTPError, match="refusing to load"):
+            await engine.update_weights_from_tensor([code], 10**6)
+        assert not marker.exists()
+        assert await engine.weight_version() == version  # nothing was loaded by either
+    finally:
+        await restore(engine, tiny_model)
+
+
+def random_weights(model: Path, names: tuple[str, ...], seed: int) -> dict[str, torch.Tensor]:
+    """New values for the model's weights whose names contain one of ``names``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        name: torch.randn(tensor.shape, generator=generator)
+        for name, tensor in load_file(model / WEIGHTS_FILE).items()
+        if any(part in name for part in names)
+    }
+
+
+async def assert_served(
+    server: SGLangServerProcess, sent: dict[str, torch.Tensor], version: int
+) -> None:
+    """The server holds exactly ``sent`` (per-tensor sha256) under ``version``."""
+    async with aiohttp.ClientSession() as session:
+        answer = await session.get(server.base_url + "/miles/weights_checksum")
+        served = await answer.json()
+    assert served["weight_version"] == str(version)
+    assert {n: served["checksums"][n] for n in sent} == {
+        n: tensor_checksum(t) for n, t in sent.items()
+    }
 
 
 def test_launcher_reports_a_server_that_dies_with_its_log(tmp_path: Path) -> None:

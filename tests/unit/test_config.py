@@ -110,3 +110,21 @@ def test_hash_is_stable_and_ignores_infra() -> None:
     )
     assert elsewhere.hash() == config.hash()
     assert MilesConfig(trainer=TrainerConfig(lr=2e-3)).hash() != config.hash()
+
+
+def test_a_weight_push_needs_the_torch_backend() -> None:
+    for how in ("distributed", "tensor"):
+        with pytest.raises(pydantic.ValidationError, match="Megatron's weights are sharded"):
+            load_config(overrides=[f"rollout.weight_sync={how}", "trainer.backend=megatron"])
+    assert load_config(overrides=["rollout.weight_sync=tensor"]).rollout.pushes_weights
+    assert not load_config().rollout.pushes_weights
+
+
+@pytest.mark.parametrize(
+    ("args", "tp"),
+    [([], 1), (["--tp", "2"], 2), (["--mem-fraction-static", "0.7", "--tp-size=4"], 4)],
+)
+def test_engine_tp_comes_from_the_sglang_args(args: list[str], tp: int) -> None:
+    config = MilesConfig()
+    config.rollout.sglang_args = args
+    assert config.rollout.engine_tp == tp

@@ -334,10 +334,12 @@ class SGLangEngine:
         weight_version: int,
         load_format: str | None = None,
     ) -> None:
-        """Carry tensors the trainer serialized with SGLang's ``MultiprocessingSerializer``.
+        """Hand the engine tensors by handle (``miles.engine.shared_tensors``), one payload per
+        engine TP rank.
 
-        That format holds CUDA IPC handles, so it only works for a trainer on the server's node;
-        the client sends the bytes base64-encoded, as SGLang's HTTP route expects.
+        SGLang's ``MultiprocessingSerializer`` format holds CUDA IPC handles (shared-memory
+        names for CPU tensors), so it only works for a trainer on the server's node; the bytes
+        go base64-encoded, as SGLang's HTTP route expects.
         """
         body: dict[str, object] = {
             "serialized_named_tensors": [

@@ -17,8 +17,11 @@ in ``sglang_client``. Where it departs from SGLang:
 - ``weight_version`` is the server's label (SGLang keeps it in its server args, too).
 - There is no prefix cache: ``/flush_cache`` only refuses while requests are live, as SGLang's.
 - ``/health_generate`` answers while paused (SGLang's probe waits behind the pause).
-- ``/update_weights_from_tensor`` is refused: its payload is pickled CUDA IPC handles, which a
-  CPU server cannot use and must not unpickle. Weight-update groups use ``gloo`` only.
+- ``/update_weights_from_tensor`` takes CPU tensors in shared memory (``file_system`` handles,
+  see ``miles.engine.shared_tensors``) where SGLang takes CUDA IPC handles, and loads the
+  payload with an unpickler that resolves torch's tensor rebuild functions and nothing else.
+  The server has one TP rank, so it reads the first of ``serialized_named_tensors``.
+  Weight-update groups use ``gloo`` only.
 - ``/miles/weights_checksum`` is miles' own debug route, not SGLang's.
 """
 
@@ -26,9 +29,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import hashlib
 import logging
 import os
+import pickle
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +49,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParams
 from miles.engine.sglang_client import WeightUpdateGroup
+from miles.engine.shared_tensors import load_named_tensors
 from miles.engine.transformers_engine import WEIGHTS_FILE, TransformersEngine
 
 log = logging.getLogger("miles.sglang_server")
@@ -113,6 +120,14 @@ class _FromDistributed(msgspec.Struct, forbid_unknown_fields=True):
     dtypes: list[str]
     shapes: list[list[int]]
     group_name: str = "weight_update_group"
+    weight_version: str | None = None
+    abort_all_requests: bool = False
+    flush_cache: bool = True
+
+
+class _FromTensor(msgspec.Struct, forbid_unknown_fields=True):
+    serialized_named_tensors: list[str]
+    load_format: str | None = None
     weight_version: str | None = None
     abort_all_requests: bool = False
     flush_cache: bool = True
@@ -483,6 +498,10 @@ class LocalSGLangServer:
         for name, dtype, shape in zip(body.names, dtypes, body.shapes, strict=True):
             received[name] = torch.empty(shape, dtype=dtype)
             group.broadcast(received[name], src=0)
+        return self._load(received)
+
+    def _load(self, received: dict[str, torch.Tensor]) -> str:
+        """Copy ``received`` into the model if every tensor fits; else load none and say why."""
         live = _live_weights(self._engine)
         unknown = sorted(received.keys() - live.keys())
         misfit = sorted(
@@ -502,11 +521,28 @@ class LocalSGLangServer:
         return _outcome(True, f"Destroyed group {body.group_name!r}.")
 
     async def update_weights_from_tensor(self, request: web.Request) -> web.Response:
-        return _outcome(
-            False,
-            "update_weights_from_tensor carries pickled CUDA IPC handles; the CPU server "
-            "neither uses nor unpickles them: use update_weights_from_disk or _distributed",
-        )
+        body = await _body(request, _FromTensor)
+        if body.load_format is not None:
+            return _outcome(False, f"load_format {body.load_format!r}: the CPU server has none")
+        if not body.serialized_named_tensors:
+            return _outcome(False, "serialized_named_tensors is empty")
+        try:
+            payload = base64.b64decode(body.serialized_named_tensors[0], validate=True)
+        except binascii.Error as error:
+            return _outcome(False, f"serialized_named_tensors[0] is not base64: {error}")
+        if body.abort_all_requests:
+            await self._abort_all()
+        async with self._model_lock:
+            try:
+                # Mapped, copied into the model and dropped on the engine thread: the trainer's
+                # segments stay mapped here only for the length of this call.
+                message = await self._run(lambda: self._load(dict(load_named_tensors(payload))))
+            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+                return _outcome(False, f"Failed to load the tensors: {error}")
+            if message:
+                return _outcome(False, message)
+            self.weight_version = body.weight_version or self.weight_version
+        return _outcome(True, "Succeeded to update model weights.")
 
     async def weights_checksum(self, request: web.Request) -> web.Response:
         """miles' debug route: sha256 per weight name, to check a weight update end to end."""
