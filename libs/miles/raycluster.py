@@ -2,6 +2,13 @@
 
 Ray's files (sessions, logs, sockets) stay inside the run directory. Unix socket paths are
 limited to ~107 bytes, so a deep run directory falls back to a short directory under /tmp.
+
+A local head runs with Ray's token authentication, on by default for local clusters since Ray
+2.59 (``RAY_AUTH_MODE=token``): otherwise any process that reaches a Ray port can run code on
+the machine. Ray keeps the token in ``~/.ray/auth_token`` (made on first use), or takes
+``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``; the services `miles run` starts inherit the mode.
+``RAY_AUTH_MODE=disabled`` opts out, with a warning. On a cluster, the mode and token are the
+cluster's: set them on every node.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 import ray
 
 log = logging.getLogger(__name__)
+AUTH_MODE = "RAY_AUTH_MODE"
 
 
 def ray_temp_dir(run_dir: Path) -> Path:
@@ -42,6 +50,10 @@ def start_local(run_dir: Path, num_cpus: int | None = None) -> str:
         log_to_driver=False,
         configure_logging=False,
     )
+    # Ray turns token auth on (and exports the mode to child processes) in ray.init; setting
+    # the variable here beforehand would not reach its already-loaded config.
+    if os.environ.get(AUTH_MODE) != "token":
+        log.warning("Ray token authentication is off (%s=%s)", AUTH_MODE, os.environ.get(AUTH_MODE))
     return str(ray.get_runtime_context().gcs_address)
 
 

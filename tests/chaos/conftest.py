@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -78,7 +79,14 @@ class Chaos:
         if crash_at:
             env |= {"MILES_CRASH_AT": crash_at, "MILES_CRASH_ONCE": str(self.marker(run_id))}
         process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            # Ctrl-C as from a terminal: a test run started in the background (`make test &`,
+            # nohup, some CI runners) inherits SIGINT ignored, and Python keeps it ignored.
+            preexec_fn=_default_sigint,
         )
         side = threading.Thread(target=during, args=(process,)) if during else None
         if side:
@@ -97,6 +105,10 @@ class Chaos:
 
     def marker(self, run_id: str) -> Path:
         return self.root / f"{run_id}.crashed"
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
