@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -122,7 +123,22 @@ def prepare(args: argparse.Namespace) -> tuple[Recipe, MilesConfig, str, Path, L
     return recipe, config, run_id, run_dir, launch
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `kill`, `timeout`): stopped as Ctrl-C stops a run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
 def launch(args: argparse.Namespace) -> int:
+    # Without this a SIGTERM would end the launcher on the spot and leave its services and
+    # embedded servers running with no one to stop them.
+    signal.signal(signal.SIGTERM, _stop)
     recipe, config, run_id, run_dir, plan = prepare(args)
     servers: list[embedded.Server] = []
     children: list[Child] = []
@@ -190,10 +206,12 @@ def launch(args: argparse.Namespace) -> int:
         report.save_run(run_dir, view)
         LiveView.final(summary, run_dir)
         return 0 if finished else 1
-    except KeyboardInterrupt:
-        print(f"\nmiles: interrupted; continue with `miles run --resume {run_id}`", flush=True)
-        return 130
+    except KeyboardInterrupt as stop:
+        name = str(stop) or "SIGINT"
+        print(f"\nmiles: stopped ({name}); continue with `miles run --resume {run_id}`", flush=True)
+        return 128 + getattr(stop, "signum", signal.SIGINT)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut cleanup short
         for child in children:
             child.stop()
         live_targets(run_dir).unlink(missing_ok=True)
@@ -327,15 +345,20 @@ def wait_for_exit(children: list[Child], timeout: float) -> None:
 
 def count_processes() -> int:
     """This process and all its descendants: services, embedded servers, Ray and its workers."""
+    return len(family(os.getpid()))
+
+
+def family(pid: int) -> set[int]:
+    """``pid`` and every live process descended from it (read from /proc)."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             parents[int(stat.parent.name)] = int(fields[1])
-    family = {os.getpid()}
+    members = {pid}
     grew = True
     while grew:
-        before = len(family)
-        family |= {pid for pid, ppid in parents.items() if ppid in family}
-        grew = len(family) > before
-    return len(family)
+        before = len(members)
+        members |= {child for child, parent in parents.items() if parent in members}
+        grew = len(members) > before
+    return members

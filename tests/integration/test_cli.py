@@ -4,13 +4,17 @@ missing."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from miles import embedded
+from miles.cli import SERVICES
+from miles.launcher import family
 
 pytestmark = pytest.mark.integration
 RECIPE = Path(__file__).parents[2] / "examples" / "addition" / "recipe.py"
@@ -138,3 +142,42 @@ def test_status_and_report_read_the_metrics_the_heartbeats_carry(
     assert (
         "| bleed: trainer waiting for data (last step) | 42% |" in (out / "report.md").read_text()
     )
+
+
+def test_sigterm_stops_the_run_its_services_and_servers(tmp_path: Path, ray_cluster: str) -> None:
+    """A scheduler's SIGTERM stops `miles run` as Ctrl-C does: services and embedded servers
+    stopped (none left orphaned), exit 143, and the line that resumes the run."""
+    env = os.environ | {"RAY_ADDRESS": ray_cluster}
+    for name in ("NATS_URL", "REDIS_URL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "miles.cli", "run", "--quiet", str(RECIPE)]
+    command += ["--run-id", "termed", "--set", f"run.output_dir='{tmp_path}'"]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        logs = tmp_path / "termed" / "logs"
+        deadline = time.monotonic() + 120
+        while not all((logs / f"{service}.log").exists() for service in SERVICES):
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the services did not start in 120 s"
+            time.sleep(0.2)
+        started = family(process.pid) - {process.pid}
+        assert len(started) >= len(SERVICES) + 2  # and nats-server, redis-server
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, output[-3000:]
+    assert "stopped (SIGTERM); continue with `miles run --resume termed`" in output
+    assert not [pid for pid in started if running(pid)]
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit status waits for init to collect it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
