@@ -7,6 +7,8 @@ The payload is SGLang's ``MultiprocessingSerializer`` format: ``multiprocessing`
 engine maps the trainer's GPU memory: nothing is copied); for a CPU tensor, with the
 ``file_system`` sharing strategy, the name of a shared-memory segment under ``/dev/shm``. So
 the path works only for a trainer and engine on the same node, which is what "colocated" means.
+CPU weights then live in ``/dev/shm``, which needs room for them (a container's default is
+often 64 MB: ``docker run --shm-size``).
 
 A pickle is code. Loading one here goes through an unpickler that resolves only the handful of
 torch rebuild functions and types this format needs; anything else (a pickle built by hand to
