@@ -163,6 +163,13 @@ class TrainerConfig(_Section):
         "written every step. A trainer restarted between two full states resumes with moments "
         "up to K-1 steps old, so only K=1 resumes bit for bit.",
     )
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="torch backend: Ray restarts of a dead trainer actor (an OOM kill, a lost "
+        "worker); the service loads the latest manifest into it and retrains the batch in "
+        "flight. Megatron's rank group is not restarted in place: its service restarts.",
+    )
 
 
 class CoordinatorConfig(_Section):

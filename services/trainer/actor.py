@@ -2,6 +2,10 @@
 
 The actor loads the recipe itself (for an ``@miles.update`` function) instead of receiving the
 function pickled from the service, so a recipe needs no importable module name.
+
+Every call that reads or changes the weights names the step the service believes they are at.
+Ray restarts a dead actor by running ``__init__`` again, with the base model: without the check
+a call that reached the new actor would train (or save) the wrong weights without an error.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ from miles.trainer.weight_push import (
 )
 
 
+class StaleWeights(RuntimeError):
+    """The actor holds another step's weights than the service expects: it was restarted."""
+
+
 class TrainerActor:
     def __init__(self, recipe_path: str, config_json: str) -> None:
+        self.step = 0  # the step whose weights the backend holds
         config = MilesConfig.model_validate_json(config_json)
         recipe = load_recipe(recipe_path)
         assert config.model.path is not None, "model.path is required"
@@ -63,16 +72,26 @@ class TrainerActor:
             )
             self.state_file = TORCH_STATE_FILE
 
-    def train_step(self, samples: list[TrainSample]) -> dict[str, Any]:
-        """One step; ``cpu_seconds`` is this worker's CPU time for it (all threads), for the
-        service's CPU-per-phase metrics: the work runs here, not in the service process."""
+    def _at(self, step: int) -> None:
+        if step != self.step:
+            raise StaleWeights(
+                f"the trainer actor holds step {self.step}'s weights, the service expects step "
+                f"{step}: the actor was restarted"
+            )
+
+    def train_step(self, samples: list[TrainSample], at_step: int) -> dict[str, Any]:
+        """One step from ``at_step``; ``cpu_seconds`` is this worker's CPU time for it (all
+        threads), for the service's CPU-per-phase metrics: the work runs here, not there."""
+        self._at(at_step)
         cpu = time.process_time()
         metrics = self.backend.train_step(samples)
+        self.step += 1
         return {**metrics, "cpu_seconds": time.process_time() - cpu}
 
     def push_weights(self, urls: list[str], version: int) -> list[str]:
-        """Push the weights into the engines at ``urls`` (rollout.weight_sync = "distributed"
-        or "tensor"); returns the urls that hold them."""
+        """Push the weights of step ``version`` into the engines at ``urls``
+        (rollout.weight_sync = "distributed" or "tensor"); returns the urls that hold them."""
+        self._at(version)
         if not isinstance(self.backend, TorchTrainer):
             raise NotImplementedError("pushing weights into engines needs trainer.backend='torch'")
         if self.pusher is None:
@@ -89,19 +108,24 @@ class TrainerActor:
         """The file of a full-state directory whose sha256 ``save_state`` returns."""
         return self.state_file
 
-    def save_weights(self, directory: str) -> str:
+    def save_weights(self, directory: str, at_step: int) -> str:
+        self._at(at_step)
         return self.backend.save_weights(directory)
 
-    def load_weights(self, directory: str) -> None:
+    def load_weights(self, directory: str, step: int) -> None:
+        """The weights of committed step ``step``."""
         self.backend.load_weights(directory)
+        self.step = step
 
-    def save_state(self, directory: str) -> str:
+    def save_state(self, directory: str, at_step: int) -> str:
+        self._at(at_step)
         return self.backend.save_state(directory)
 
     def load_state(self, directory: str) -> None:
         self.backend.load_state(directory)
 
-    def rng_state(self) -> str:
+    def rng_state(self, at_step: int) -> str:
+        self._at(at_step)
         return self.backend.rng_state()
 
     def set_rng_state(self, encoded: str) -> None:

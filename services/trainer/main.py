@@ -8,10 +8,13 @@ loop:
     write the weights (every step) and the full state (every K steps) under unique names
     commit the manifest in Redis (written once; `latest` moves by compare-and-set)
     publish weights and step events (deduped by version), then ack the batch
+    if the Ray actor died (and was restarted with the base model): nak the batch, resume the
+    actor from the latest manifest, go on
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -20,6 +23,7 @@ from typing import Any
 
 import ray
 from nats.aio.msg import Msg
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from miles import events, faults, raycluster, telemetry
 from miles.blobs import BlobStore
@@ -29,7 +33,7 @@ from miles.service import ServiceContext
 from miles.subjects import TRAINER_CONSUMER
 from miles.telemetry import record
 from miles.weights import make_blob_store
-from services.trainer.actor import TrainerActor
+from services.trainer.actor import StaleWeights, TrainerActor
 
 log = logging.getLogger("miles.trainer")
 
@@ -39,15 +43,11 @@ async def main(ctx: ServiceContext) -> None:
     raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
     actor: Any = (
         ray.remote(TrainerActor)
-        .options(**trainer_resources(config.trainer), max_restarts=0)
+        .options(**trainer_resources(config.trainer))
         .remote(str(ctx.recipe.path), config.model_dump_json())
     )
     blobs = make_blob_store(config, bus, ctx.run_dir)
-    latest = await resume(actor, blobs, await ctx.manifests.latest())
-    step = latest.step if latest else 0
-    state: tuple[str | None, str | None, int] = (None, None, 0)
-    if latest:
-        state = (latest.state_uri, latest.state_sha256, latest.state_step)
+    step, state = position(await resume(actor, blobs, await ctx.manifests.latest()))
     batches = await bus.pull("batches", TRAINER_CONSUMER)
     log.info("trainer %s ready at step %d", ctx.instance, step)
 
@@ -59,71 +59,118 @@ async def main(ctx: ServiceContext) -> None:
         if not got:
             continue
         batch, msg = got[0]
-        with bus.process(msg):
-            if await ctx.manifests.trained(batch.batch_id):
-                done = await ctx.manifests.step_of(batch.batch_id)
-                log.info("batch %s was trained in step %s; re-announcing", batch.batch_id, done)
-                if done is not None:
-                    await announce(ctx, done)
-                await msg.ack()
-                continue
-            links = telemetry.links_from(traceparents=batch.traceparents)  # every group's trace
-            with ctx.busy(), telemetry.linked_span("train step", links, {"miles.step": step + 1}):
-                started = time.monotonic()
-                seconds = {"wait_for_batch": started - wait_start}
-                metrics = await bus.hold(actor.train_step.remote(batch.samples), [msg])
-                seconds["train"] = time.monotonic() - started
-                record.trained(ctx.metrics, batch.samples, metrics, version=step)
-                faults.crash_point("trainer.stepped")
-                step += 1
-                start = time.monotonic()
-                attempt = uuid.uuid4().hex[:8]  # a crashed attempt never overwrites what is read
-                with ctx.metrics.phase("weight_publish"), version_span("publish weights", step):
-                    staging = ctx.run_dir / "staging" / f"v{step}-{attempt}"
-                    sha256 = await bus.hold(actor.save_weights.remote(str(staging)), [msg])
-                    uri = await blobs.put_dir(staging, f"weights/v{step}-{attempt}")
-                seconds["save_weights"] = time.monotonic() - start
-                if step % config.trainer.checkpoint_every == 0:
-                    start = time.monotonic()
-                    with ctx.metrics.phase("checkpoint"), version_span("checkpoint", step):
-                        staging = ctx.run_dir / "staging" / f"state{step}-{attempt}"
-                        state_sha = await bus.hold(actor.save_state.remote(str(staging)), [msg])
-                        state_uri = await blobs.put_dir(staging, f"state/s{step}-{attempt}")
-                    state = (state_uri, state_sha, step)
-                    seconds["save_state"] = time.monotonic() - start
-                rewards = [s.reward for s in batch.samples]
-                manifest = Manifest(
-                    run_id=ctx.run_id,
-                    step=step,
-                    policy_version=step,
-                    weights_uri=uri,
-                    weights_sha256=sha256,
-                    state_uri=state[0],
-                    state_sha256=state[1],
-                    state_step=state[2],
-                    batch_ids=[batch.batch_id],
-                    task_ids=batch.task_ids,
-                    sample_ids=[s.sample_id for s in batch.samples],
-                    dataset_cursor=int((await ctx.store.run()).get("cursor", 0)),
-                    rng_state=await actor.rng_state.remote(),
-                    config_hash=config.hash(),
-                    samples=len(batch.samples),
-                    min_sample_version=min(s.policy_version for s in batch.samples),
-                    reward_mean=sum(rewards) / len(rewards),
-                    reward_histogram=record.reward_histogram(rewards),
-                    metrics={k: float(v) for k, v in metrics.items()},
-                    seconds=seconds,
-                )
-                await commit(ctx, manifest)
-                faults.crash_point("trainer.committed")
-                if config.rollout.pushes_weights:
-                    await push_weights(ctx, actor, step, msg)
-                await announce(ctx, manifest)
-                await msg.ack()
-                ctx.clock.processed += 1
-                ctx.metrics.commit_step(step, step, time.monotonic() - started)
-            bleed.close()
-            log.info("step %d: loss %.4f reward %.3f", step, metrics["loss"], manifest.reward_mean)
+        try:
+            with bus.process(msg):
+                if await ctx.manifests.trained(batch.batch_id):
+                    await reannounce(ctx, batch, msg)
+                    continue
+                seconds = {"wait_for_batch": time.monotonic() - wait_start}
+                manifest = await train(ctx, actor, blobs, batch, msg, step, state, seconds)
+        except (RayActorError, StaleWeights) as lost:
+            # Ray restarted the actor (or is restarting it) with the base model: load the
+            # latest committed step into it; the batch comes back and is trained from there.
+            log.warning("trainer actor lost its weights (%s); resuming it", lost)
+            await msg.nak()
+            await until_restarted(actor)
+            step, state = position(await resume(actor, blobs, await ctx.manifests.latest()))
+            continue
+        step, state = position(manifest)
+        bleed.close()
+        log.info(
+            "step %d: loss %.4f reward %.3f", step, manifest.metrics["loss"], manifest.reward_mean
+        )
+
+
+async def train(
+    ctx: ServiceContext,
+    actor: Any,
+    blobs: BlobStore,
+    batch: events.Batch,
+    msg: Msg,
+    step: int,
+    state: tuple[str | None, str | None, int],
+    seconds: dict[str, float],
+) -> Manifest:
+    """Train ``batch`` from ``step``, write and commit step + 1, push, announce, then ack."""
+    config, bus = ctx.config, ctx.bus
+    links = telemetry.links_from(traceparents=batch.traceparents)  # every group's trace
+    with ctx.busy(), telemetry.linked_span("train step", links, {"miles.step": step + 1}):
+        started = time.monotonic()
+        metrics = await bus.hold(actor.train_step.remote(batch.samples, step), [msg])
+        seconds["train"] = time.monotonic() - started
+        record.trained(ctx.metrics, batch.samples, metrics, version=step)
+        faults.crash_point("trainer.stepped")
+        step += 1
+        start = time.monotonic()
+        attempt = uuid.uuid4().hex[:8]  # a crashed attempt never overwrites what is read
+        with ctx.metrics.phase("weight_publish"), version_span("publish weights", step):
+            staging = ctx.run_dir / "staging" / f"v{step}-{attempt}"
+            sha256 = await bus.hold(actor.save_weights.remote(str(staging), step), [msg])
+            uri = await blobs.put_dir(staging, f"weights/v{step}-{attempt}")
+        seconds["save_weights"] = time.monotonic() - start
+        if step % config.trainer.checkpoint_every == 0:
+            start = time.monotonic()
+            with ctx.metrics.phase("checkpoint"), version_span("checkpoint", step):
+                staging = ctx.run_dir / "staging" / f"state{step}-{attempt}"
+                state_sha = await bus.hold(actor.save_state.remote(str(staging), step), [msg])
+                state_uri = await blobs.put_dir(staging, f"state/s{step}-{attempt}")
+            state = (state_uri, state_sha, step)
+            seconds["save_state"] = time.monotonic() - start
+        rewards = [s.reward for s in batch.samples]
+        manifest = Manifest(
+            run_id=ctx.run_id,
+            step=step,
+            policy_version=step,
+            weights_uri=uri,
+            weights_sha256=sha256,
+            state_uri=state[0],
+            state_sha256=state[1],
+            state_step=state[2],
+            batch_ids=[batch.batch_id],
+            task_ids=batch.task_ids,
+            sample_ids=[s.sample_id for s in batch.samples],
+            dataset_cursor=int((await ctx.store.run()).get("cursor", 0)),
+            rng_state=await actor.rng_state.remote(step),
+            config_hash=config.hash(),
+            samples=len(batch.samples),
+            min_sample_version=min(s.policy_version for s in batch.samples),
+            reward_mean=sum(rewards) / len(rewards),
+            reward_histogram=record.reward_histogram(rewards),
+            metrics={k: float(v) for k, v in metrics.items()},
+            seconds=seconds,
+        )
+        await commit(ctx, manifest)
+        faults.crash_point("trainer.committed")
+        if config.rollout.pushes_weights:
+            await push_weights(ctx, actor, step, msg)
+        await announce(ctx, manifest)
+        await msg.ack()
+        ctx.clock.processed += 1
+        ctx.metrics.commit_step(step, step, time.monotonic() - started)
+    return manifest
+
+
+async def until_restarted(actor: Any, timeout: float = 120.0) -> None:
+    """Wait while Ray restarts the actor (calls fail fast meanwhile). An actor out of restarts
+    raises ``ActorDiedError``: the service crashes and `miles run` restarts it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await actor.state_file_name.remote()
+            return
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def reannounce(ctx: ServiceContext, batch: events.Batch, msg: Msg) -> None:
+    """A redelivered batch the ledger says was trained: announce its step again and ack."""
+    done = await ctx.manifests.step_of(batch.batch_id)
+    log.info("batch %s was trained in step %s; re-announcing", batch.batch_id, done and done.step)
+    if done is not None:
+        await announce(ctx, done)
+    await msg.ack()
 
 
 async def push_weights(ctx: ServiceContext, actor: Any, step: int, msg: Msg) -> None:
@@ -136,12 +183,24 @@ async def push_weights(ctx: ServiceContext, actor: Any, step: int, msg: Msg) -> 
     log.info("pushed v%d (%s) into %d of %d engine(s)", step, how, len(reached), len(urls))
 
 
-def trainer_resources(trainer: TrainerConfig) -> dict[str, float]:
-    """The trainer actor's Ray resources: all of them for torch; for Megatron, whose ranks
-    are their own actors, almost none (the ranks reserve theirs in a placement group)."""
+def trainer_resources(trainer: TrainerConfig) -> dict[str, Any]:
+    """The trainer actor's Ray options: all the resources for torch; for Megatron, whose ranks
+    are their own actors, almost none (the ranks reserve theirs in a placement group), and no
+    restart in place (a new actor would build a second rank group beside the dead one's)."""
     if trainer.backend == "megatron":
-        return {"num_cpus": 0}
-    return {"num_cpus": trainer.num_cpus, "num_gpus": trainer.num_gpus}
+        return {"num_cpus": 0, "max_restarts": 0}
+    return {
+        "num_cpus": trainer.num_cpus,
+        "num_gpus": trainer.num_gpus,
+        "max_restarts": trainer.max_restarts,
+    }
+
+
+def position(latest: Manifest | None) -> tuple[int, tuple[str | None, str | None, int]]:
+    """The step to train from and the last full state (uri, sha256, step), from a manifest."""
+    if latest is None:
+        return 0, (None, None, 0)
+    return latest.step, (latest.state_uri, latest.state_sha256, latest.state_step)
 
 
 def version_span(name: str, version: int) -> AbstractContextManager[object]:
@@ -153,7 +212,7 @@ async def resume(actor: Any, blobs: BlobStore, latest: Manifest | None) -> Manif
     if latest is None:
         return None
     path = await blobs.get_dir(latest.weights_uri, latest.weights_sha256)
-    await actor.load_weights.remote(str(path))
+    await actor.load_weights.remote(str(path), latest.step)
     if latest.state_uri and latest.state_sha256:
         checked = await actor.state_file_name.remote()
         state = await blobs.get_dir(latest.state_uri, latest.state_sha256, checked=checked)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -144,3 +146,38 @@ def test_interrupted_run_resumes_from_its_latest_manifest(
         nats.stop()
         store.stop()
     assert weights == baseline
+
+
+def test_trainer_actor_killed_is_restarted_by_ray_and_resumed(
+    chaos: Chaos, baseline: list[str]
+) -> None:
+    """SIGKILL the trainer's Ray actor worker (as the OOM killer would) after step 2: Ray
+    restarts it with the base model, the trainer service (not restarted) notices, loads the
+    latest manifest into it and trains on, bit for bit."""
+    run_id = "trainer-actor-kill"
+    killed: list[int] = []
+
+    def kill_actor(_: subprocess.Popen[str]) -> None:
+        _wait_for_step(chaos.redis.url, run_id, 2)
+        for pid in _processes_titled("ray::TrainerActor"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    finished = chaos.run(run_id, during=kill_actor)
+    assert killed, "no trainer actor process was found: nothing was tested"
+    assert finished.summary["restarts"]["trainer"] == 0, "the service restarted, not the actor"
+    assert "trainer actor lost its weights" in finished.log("trainer")
+    assert check(chaos, finished) == baseline
+
+
+def _processes_titled(prefix: str) -> list[int]:
+    """Processes whose title (Ray sets it: ``ray::<Actor>.<method>``) starts with ``prefix``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith(prefix):
+            found.append(int(cmdline.parent.name))
+    return found
