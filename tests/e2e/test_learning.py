@@ -20,7 +20,10 @@ STEPS = int(os.environ.get("MILES_E2E_STEPS", "20"))
 MARGIN = 0.10  # accuracy points GRPO must add within STEPS steps
 
 
-def run_demo(tmp_path: Path, name: str, *overrides: str) -> dict:
+def run_demo(tmp_path: Path, ray_address: str, name: str, *overrides: str) -> dict:
+    """`miles run` of the demo with embedded NATS and Redis, on the session's Ray cluster (a
+    Ray head per run would cost each about 6 s; the observed run of test_prometheus and
+    test_tracing_run starts its own, as `make demo` does)."""
     command = [
         sys.executable,
         "-m",
@@ -39,15 +42,16 @@ def run_demo(tmp_path: Path, name: str, *overrides: str) -> dict:
         *overrides,
     ]
     # Embedded servers for each run; the warm start is cached in runs/cache, shared with the demo.
-    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL")}
+    env["RAY_ADDRESS"] = ray_address
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
-def test_grpo_raises_held_out_accuracy_and_lr0_does_not(tmp_path: Path) -> None:
-    learned = run_demo(tmp_path, "e2e-learn")
-    control = run_demo(tmp_path, "e2e-control", "--set", "trainer.lr=0")
+def test_grpo_raises_held_out_accuracy_and_lr0_does_not(tmp_path: Path, ray_cluster: str) -> None:
+    learned = run_demo(tmp_path, ray_cluster, "e2e-learn")
+    control = run_demo(tmp_path, ray_cluster, "e2e-control", "--set", "trainer.lr=0")
 
     assert learned["steps"] == STEPS and control["steps"] == STEPS
     gain = learned["accuracy_after"] - learned["accuracy_before"]
@@ -59,12 +63,13 @@ def test_grpo_raises_held_out_accuracy_and_lr0_does_not(tmp_path: Path) -> None:
     assert set(learned["services"]) == {"coordinator", "rollout", "reward", "buffer", "trainer"}
 
 
-def test_the_demo_learns_on_the_megatron_backend_too(tmp_path: Path) -> None:
+def test_the_demo_learns_on_the_megatron_backend_too(tmp_path: Path, ray_cluster: str) -> None:
     """`trainer.backend = "megatron"`: a Megatron-core GPTModel split over two tensor-parallel
     rank actors (gloo) in a placement group trains the same demo, and accuracy rises."""
     steps = 8
     learned = run_demo(
         tmp_path,
+        ray_cluster,
         "e2e-megatron",
         *("--set", "trainer.backend=megatron", "--set", "trainer.tensor_parallel=2"),
         *("--set", f"run.steps={steps}", "--set", f"coordinator.eval_every={steps}"),
@@ -75,7 +80,9 @@ def test_the_demo_learns_on_the_megatron_backend_too(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("weight_sync", ["distributed", "tensor"])
-def test_the_trainer_can_push_weights_into_the_engines(tmp_path: Path, weight_sync: str) -> None:
+def test_the_trainer_can_push_weights_into_the_engines(
+    tmp_path: Path, ray_cluster: str, weight_sync: str
+) -> None:
     """The trainer pushes each committed version into the engine, checked by per-tensor
     checksums, and the engine never needs the blob store. `distributed`: over a process group
     (gloo: the NCCL path's protocol). `tensor`: `/update_weights_from_tensor` with handles to
@@ -84,6 +91,7 @@ def test_the_trainer_can_push_weights_into_the_engines(tmp_path: Path, weight_sy
     run_id = f"e2e-push-{weight_sync}"
     learned = run_demo(
         tmp_path,
+        ray_cluster,
         run_id,
         *("--set", f"rollout.weight_sync={weight_sync}", "--set", f"run.steps={steps}"),
         *("--set", f"coordinator.eval_every={steps}", "--set", "data.eval_size=100"),
