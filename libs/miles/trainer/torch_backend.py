@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model
-from torch import Tensor, nn
+from torch import nn
 from transformers import AutoModelForCausalLM
 
-from miles.algo import PolicyLossStats, clipped_policy_loss, kl_penalty, masked_aggregate
 from miles.config import GRPOConfig, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.batch import TensorBatch, collate, split, token_logprobs
+from miles.trainer.objective import MicroObjective, grpo_objective
 
 UpdateFn = Callable[[nn.Module, TensorBatch, torch.optim.Optimizer], dict[str, float]]
 """A user's whole update: loss, backward and ``optimizer.step()``; returns its metrics."""
@@ -138,46 +138,23 @@ class TorchTrainer:
                 share = token_share
             else:
                 share = micro.num_samples / batch.num_samples
-            loss, kl, stats, gap = self._micro_batch_loss(micro)
-            (loss * share).backward()
-            totals["loss"] += loss.item() * share
-            totals["kl"] += kl * share
-            totals["clip_frac"] += stats.clip_fraction * token_share
-            totals["ratio_mean"] += stats.ratio_mean * token_share
-            totals["engine_gap"] += gap * token_share
+            objective = self._micro_batch_loss(micro)
+            (objective.loss * share).backward()
+            totals["loss"] += objective.loss.item() * share
+            totals["kl"] += objective.kl * share
+            totals["clip_frac"] += objective.stats.clip_fraction * token_share
+            totals["ratio_mean"] += objective.stats.ratio_mean * token_share
+            totals["engine_gap"] += objective.engine_gap * token_share
         return totals
 
-    def _micro_batch_loss(self, micro: TensorBatch) -> tuple[Tensor, float, PolicyLossStats, float]:
-        """GRPO's loss, -J of arXiv:2402.03300 eq. 3: clipped surrogate + kl_coef * KL(pi || ref).
-
-        ``kl`` is 0 when ``kl_coef`` is 0, since no reference model is kept then. The last value
-        is the mean |trainer - engine| logprob gap per token: the train/inference mismatch.
-        """
-        grpo = self.grpo
+    def _micro_batch_loss(self, micro: TensorBatch) -> MicroObjective:
         with self._autocast():
             logprobs = token_logprobs(self.model, micro)
-        # pi_old: within one optimizer step the policy has not moved yet, so the trainer's own
-        # logprobs, detached, are exactly its pre-update policy (ratio 1, gradient A * grad log p)
-        old = logprobs.detach() if grpo.old_logprobs == "trainer" else micro.old_logprobs
-        gap = masked_aggregate(
-            (logprobs.detach() - micro.old_logprobs).abs(), micro.loss_mask, "token"
-        )
-        policy_loss, stats = clipped_policy_loss(
-            logprobs,
-            old,
-            micro.advantages,
-            micro.loss_mask,
-            grpo.eps_low,
-            grpo.eps_high,
-            grpo.loss_aggregation,
-        )
-        if self.reference is None:
-            return policy_loss, 0.0, stats, gap.item()
-        with torch.no_grad(), self._autocast():
-            ref_logprobs = token_logprobs(self.reference, micro)
-        per_token_kl = kl_penalty(logprobs, ref_logprobs, grpo.kl_estimator)
-        kl = masked_aggregate(per_token_kl, micro.loss_mask, grpo.loss_aggregation)
-        return policy_loss + grpo.kl_coef * kl, kl.item(), stats, gap.item()
+        ref_logprobs = None
+        if self.reference is not None:  # kept only when kl_coef > 0
+            with torch.no_grad(), self._autocast():
+                ref_logprobs = token_logprobs(self.reference, micro)
+        return grpo_objective(logprobs, ref_logprobs, micro, self.grpo)
 
     def _autocast(self) -> AbstractContextManager[None]:
         return torch.autocast(

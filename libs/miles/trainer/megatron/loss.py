@@ -6,9 +6,7 @@ with the max and the sum all-reduced over the tensor-parallel group, i.e. ``-log
 its backward is the exact softmax gradient of each rank's slice; the full ``[N, T, V]`` logits are
 never gathered.
 
-The loss is -J of GRPO (Shao et al. 2024, arXiv:2402.03300, eq. 3): the clipped surrogate
-(``miles.algo.clipped_policy_loss``) plus ``kl_coef`` times the KL estimate to the reference, the
-same composition as ``TorchTrainer._micro_batch_loss``.
+The loss itself is ``miles.trainer.objective.grpo_objective``, the torch backend's too.
 """
 
 from __future__ import annotations
@@ -19,9 +17,9 @@ import torch
 from megatron.core import tensor_parallel
 from torch import Tensor
 
-from miles.algo import clipped_policy_loss, kl_penalty, masked_aggregate
 from miles.config import GRPOConfig
 from miles.trainer.batch import TensorBatch
+from miles.trainer.objective import grpo_objective
 
 METRICS = ("loss", "kl", "clip_frac", "ratio_mean", "engine_gap")
 """Per-step statistics the loss accumulates, in this order in ``MicroBatchLoss.weighted``."""
@@ -57,31 +55,15 @@ def grpo_micro_batch_loss(
         share = token_share
     else:
         share = micro.num_samples / batch.num_samples
-    # pi_old: the trainer's own pre-update logprobs, detached (ratio 1), or the engine's.
-    old = logprobs.detach() if grpo.old_logprobs == "trainer" else micro.old_logprobs
-    gap = masked_aggregate((logprobs.detach() - micro.old_logprobs).abs(), micro.loss_mask, "token")
-    loss, stats = clipped_policy_loss(
-        logprobs,
-        old,
-        micro.advantages,
-        micro.loss_mask,
-        grpo.eps_low,
-        grpo.eps_high,
-        grpo.loss_aggregation,
-    )
-    kl = torch.zeros(())
-    if ref_logprobs is not None:
-        per_token_kl = kl_penalty(logprobs, ref_logprobs, grpo.kl_estimator)
-        kl = masked_aggregate(per_token_kl, micro.loss_mask, grpo.loss_aggregation)
-        loss = loss + grpo.kl_coef * kl
+    objective = grpo_objective(logprobs, ref_logprobs, micro, grpo)
     weighted = torch.tensor(
         [
-            loss.item() * share,
-            kl.item() * share,
-            stats.clip_fraction * token_share,
-            stats.ratio_mean * token_share,
-            gap.item() * token_share,
+            objective.loss.item() * share,
+            objective.kl * share,
+            objective.stats.clip_fraction * token_share,
+            objective.stats.ratio_mean * token_share,
+            objective.engine_gap * token_share,
         ],
         dtype=torch.float64,
     )
-    return MicroBatchLoss(loss=loss * share, weighted=weighted)
+    return MicroBatchLoss(loss=objective.loss * share, weighted=weighted)
