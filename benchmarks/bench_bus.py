@@ -15,9 +15,10 @@ from pathlib import Path
 
 import msgspec
 
-from miles import embedded, events
-from miles.bus import Bus, connect_nats
-from miles.subjects import REWARD_CONSUMER
+from miles import events
+from miles.runtime import embedded
+from miles.runtime.bus import Bus, connect_nats
+from miles.runtime.subjects import REWARD_CONSUMER
 
 GROUPS = 2000
 

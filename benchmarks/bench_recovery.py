@@ -31,8 +31,8 @@ from pathlib import Path
 
 import redis
 
-from miles import embedded, raycluster
-from miles.store import RunKeys
+from miles.runtime import embedded, raycluster
+from miles.runtime.store import RunKeys
 
 ROOT = Path(__file__).parents[1]
 SERVICES = ("coordinator", "rollout", "reward", "buffer", "trainer")

@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from miles import embedded
-from miles.blobs import BlobStore, DirBlobStore, ObjectBlobStore, sha256_file
 from miles.engine.sglang_client import SGLangEngine, broadcast_weights, join_weight_update_group
 from miles.engine.sglang_launcher import SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
 from miles.engine.shared_tensors import serialize_named_tensors
+from miles.runtime import embedded
+from miles.weights.blobs import BlobStore, DirBlobStore, ObjectBlobStore, sha256_file
 
 ROOT = Path(__file__).parents[1]
 

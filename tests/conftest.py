@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from miles import embedded
+from miles.runtime import embedded
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[embedded.
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import ray
 
-    from miles import raycluster
+    from miles.runtime import raycluster
 
     run_dir = tmp_path_factory.mktemp("ray")
     address = raycluster.start_local(run_dir, num_cpus=4)
@@ -44,7 +44,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 async def redis_client(redis_server: embedded.Server) -> AsyncIterator[object]:
-    from miles.store import connect_redis
+    from miles.runtime.store import connect_redis
 
     client = await connect_redis(redis_server.url, 5)
     yield client

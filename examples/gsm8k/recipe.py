@@ -29,7 +29,7 @@ from miles.config import (
 )
 
 config = miles.MilesConfig(
-    run=RunConfig(name="gsm8k-qwen2.5-1.5b", seed=0, steps=200),
+    run=RunConfig(name="gsm8k-qwen2_5-1_5b", seed=0, steps=200),
     data=DataConfig(eval_size=500),
     rollout=RolloutConfig(
         engine="sglang",

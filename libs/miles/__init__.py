@@ -4,9 +4,9 @@ The public API is what a recipe needs; everything else is internal.
 """
 
 from miles.config import MilesConfig
+from miles.engine.generation import EngineHandle, default_rollout, to_sample
 from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParams
 from miles.events import Sample, Task, TrainSample
-from miles.generation import EngineHandle, default_rollout, to_sample
 from miles.recipe import dataset, reward, rollout, setup, update
 
 __all__ = [

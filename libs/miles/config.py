@@ -21,7 +21,12 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    name: str = Field("miles", description="Human name; the run id is derived from it.")
+    name: str = Field(
+        "miles",
+        pattern=r"^[A-Za-z0-9_-]{1,40}$",
+        description="Human name; the run id is derived from it, and the run id is part of "
+        "every NATS subject and Redis key, so only letters, digits, '_' and '-'.",
+    )
     seed: int = Field(0, description="Seeds sampling, data order and initialisation.")
     steps: int = Field(20, ge=1, description="Stop after this many committed optimizer steps.")
     output_dir: Path = Field(Path("runs"), description="Runs write to <output_dir>/<run_id>.")

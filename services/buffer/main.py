@@ -18,11 +18,12 @@ import time
 
 from nats.aio.msg import Msg
 
-from miles import events, faults, telemetry
-from miles.batching import BAD_INPUT, FILTER_REASONS, dispatch_order, filter_reason, make_batch
-from miles.bus import Oversized
-from miles.service import ServiceContext
-from miles.subjects import BUFFER_CONSUMER
+from miles import events, telemetry
+from miles.algo.batching import BAD_INPUT, FILTER_REASONS, dispatch_order, filter_reason, make_batch
+from miles.runtime import faults
+from miles.runtime.bus import Oversized
+from miles.runtime.service import ServiceContext
+from miles.runtime.subjects import BUFFER_CONSUMER
 from miles.telemetry import record
 
 log = logging.getLogger("miles.buffer")

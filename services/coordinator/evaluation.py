@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from miles import events, telemetry
 from miles.data import Prompt
-from miles.service import ServiceContext
+from miles.runtime.service import ServiceContext
 
 
 @dataclass

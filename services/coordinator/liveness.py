@@ -14,8 +14,7 @@ import logging
 import time
 
 from miles import events
-from miles.cli import SERVICES
-from miles.service import ServiceContext
+from miles.runtime.service import SERVICES, ServiceContext
 from miles.telemetry import record
 
 log = logging.getLogger("miles.coordinator")
@@ -32,19 +31,14 @@ class Liveness:
         record.expect(ctx.metrics.restarts, "restarted_service", SERVICES)
 
     async def start(self) -> None:
-        async def on_beat(msg) -> None:  # type: ignore[no-untyped-def]
-            try:
-                beat = events.decode(msg.data, events.Heartbeat, self.ctx.run_id)
-            except events.BadEvent as exc:
-                await self.ctx.bus.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
-                return
+        async def on_beat(beat: events.Heartbeat) -> None:
             key = f"{beat.service}/{beat.instance}"
             if key not in self.last_seen or key in self.silent:
                 log.info("%s is alive", key)
             self.silent.discard(key)
             self.last_seen[key] = time.monotonic()
 
-        await self.ctx.bus.nc.subscribe(self.ctx.subjects.heartbeat("*", ">"), cb=on_beat)
+        await self.ctx.bus.listen(self.ctx.subjects.heartbeat("*", ">"), events.Heartbeat, on_beat)
 
     async def check(self) -> None:
         now = time.monotonic()

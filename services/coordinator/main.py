@@ -18,8 +18,8 @@ import time
 
 from miles import events
 from miles.data import load_prompts
-from miles.service import ServiceContext
-from miles.subjects import COORDINATOR_CONSUMER
+from miles.runtime.service import ServiceContext
+from miles.runtime.subjects import COORDINATOR_CONSUMER
 from services.coordinator.evaluation import (
     EvalRound,
     dispatch_eval,
@@ -91,7 +91,7 @@ async def main(ctx: ServiceContext) -> None:
             command="stop",
             reason=f"{last_step} steps committed",
         )
-        await bus.nc.publish(ctx.subjects.control("stop"), events.encode(stop))
+        await bus.broadcast(ctx.subjects.control("stop"), stop)
         log.info("run %s finished: %d steps", ctx.run_id, pacer.step)
 
 

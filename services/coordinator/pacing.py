@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from miles import events, faults, telemetry
+from miles import events, telemetry
 from miles.data import Prompt
-from miles.service import ServiceContext
+from miles.runtime import faults
+from miles.runtime.service import ServiceContext
 
 
 @dataclass

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import time
 
-from miles import events, faults, telemetry
-from miles.bus import Oversized
+from miles import events, telemetry
+from miles.runtime import faults
+from miles.runtime.bus import Oversized
+from miles.runtime.service import ServiceContext
+from miles.runtime.subjects import REWARD_CONSUMER
 from miles.scoring import score
-from miles.service import ServiceContext
-from miles.subjects import REWARD_CONSUMER
 from miles.telemetry import record
 
 log = logging.getLogger("miles.reward")

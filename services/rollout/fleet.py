@@ -30,11 +30,11 @@ import ray.exceptions
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from miles import faults
 from miles.config import MilesConfig, RolloutConfig
+from miles.engine.generation import EngineHandle, EngineReset
 from miles.engine.sglang_client import SGLangConnectionError, SGLangEngine, SGLangError
 from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
-from miles.generation import EngineHandle, EngineReset
+from miles.runtime import faults
 
 log = logging.getLogger("miles.rollout")
 T = TypeVar("T")

@@ -16,15 +16,16 @@ import time
 from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
-from miles import events, faults, raycluster, telemetry
-from miles.blobs import BlobStore
-from miles.bus import Oversized
-from miles.generation import EngineHandle, rollout_many
-from miles.service import ServiceContext
-from miles.subjects import ROLLOUT_CONSUMER
+from miles import events, telemetry
+from miles.engine.generation import EngineHandle, rollout_many
+from miles.runtime import faults, raycluster
+from miles.runtime.bus import Oversized
+from miles.runtime.service import ServiceContext
+from miles.runtime.subjects import ROLLOUT_CONSUMER
 from miles.telemetry import record
 from miles.telemetry.record import BleedWindow
-from miles.weights import WeightsWatcher, make_blob_store
+from miles.weights.blobs import BlobStore
+from miles.weights.follow import WeightsWatcher, make_blob_store
 from services.rollout.fleet import EngineFleet
 
 log = logging.getLogger("miles.rollout")
@@ -95,7 +96,7 @@ async def report_straggler(
         fleet_median=median,
         action=action,
     )
-    await ctx.bus.nc.publish(ctx.subjects.engines, events.encode(flagged))
+    await ctx.bus.broadcast(ctx.subjects.engines, flagged)
     await ctx.store.count_straggler(engine.name)
 
 

@@ -18,7 +18,7 @@ from miles.events import TrainSample
 from miles.recipe import load_recipe
 from miles.trainer.torch_backend import STATE_FILE as TORCH_STATE_FILE
 from miles.trainer.torch_backend import TorchTrainer
-from miles.trainer.weight_push import (
+from miles.weights.push import (
     Broadcast,
     SharedTensors,
     Transport,

@@ -25,14 +25,15 @@ import ray
 from nats.aio.msg import Msg
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from miles import events, faults, raycluster, telemetry
-from miles.blobs import BlobStore
-from miles.checkpoint import CommitRefused, Manifest
+from miles import events, telemetry
 from miles.config import TrainerConfig
-from miles.service import ServiceContext
-from miles.subjects import TRAINER_CONSUMER
+from miles.runtime import faults, raycluster
+from miles.runtime.checkpoint import CommitRefused, Manifest
+from miles.runtime.service import ServiceContext
+from miles.runtime.subjects import TRAINER_CONSUMER
 from miles.telemetry import record
-from miles.weights import make_blob_store
+from miles.weights.blobs import BlobStore
+from miles.weights.follow import make_blob_store
 from services.trainer.actor import StaleWeights, TrainerActor
 
 log = logging.getLogger("miles.trainer")

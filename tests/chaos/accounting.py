@@ -18,10 +18,10 @@ import nats
 from redis.asyncio import Redis
 
 from miles import events
-from miles.bus import DeadLetter
-from miles.checkpoint import Manifest, Manifests
-from miles.store import RunStore
-from miles.subjects import Subjects
+from miles.runtime.bus import DeadLetter
+from miles.runtime.checkpoint import Manifest, Manifests
+from miles.runtime.store import RunStore
+from miles.runtime.subjects import Subjects
 
 
 @dataclass

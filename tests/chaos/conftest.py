@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from miles import embedded
+from miles.runtime import embedded
 
 ROOT = Path(__file__).parents[2]
 RECIPE = ROOT / "examples" / "addition" / "recipe.py"

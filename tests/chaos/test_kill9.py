@@ -24,8 +24,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from miles import embedded
-from miles.store import RunKeys
+from miles.runtime import embedded
+from miles.runtime.store import RunKeys
 
 from .accounting import Audit, audit
 from .conftest import STEPS, Chaos, Finished

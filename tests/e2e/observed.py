@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from observability import DEPLOY, OtlpReceiver
 
-from miles import embedded
+from miles.runtime import embedded
 
 ROOT = Path(__file__).parents[2]
 RECIPE = ROOT / "examples" / "addition" / "recipe.py"

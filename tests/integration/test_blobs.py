@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from miles import embedded
-from miles.blobs import WEIGHTS_FILE, ChecksumMismatch, DirBlobStore, ObjectBlobStore, sha256_file
-from miles.bus import connect_nats
+from miles.runtime import embedded
+from miles.runtime.bus import connect_nats
+from miles.weights.blobs import (
+    WEIGHTS_FILE,
+    ChecksumMismatch,
+    DirBlobStore,
+    ObjectBlobStore,
+    sha256_file,
+)
 
 pytestmark = pytest.mark.integration
 

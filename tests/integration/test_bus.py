@@ -10,9 +10,10 @@ import msgspec
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from miles import embedded, events
-from miles.bus import Bus, DeadLetter, connect_nats, topology
-from miles.store import RunStore
+from miles import events
+from miles.runtime import embedded
+from miles.runtime.bus import Bus, DeadLetter, connect_nats, topology
+from miles.runtime.store import RunStore
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +86,7 @@ class _CreatesFile:
 async def test_bad_inputs_are_dead_lettered_acked_and_counted(
     bus: Bus, redis_server: embedded.Server, tmp_path: Path
 ) -> None:
-    from miles.store import connect_redis
+    from miles.runtime.store import connect_redis
 
     redis = await connect_redis(redis_server.url, 5)
     store = RunStore(redis, bus.run_id)

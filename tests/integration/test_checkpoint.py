@@ -8,8 +8,8 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from miles.checkpoint import CommitRefused, Manifest, Manifests
-from miles.store import RunStore
+from miles.runtime.checkpoint import CommitRefused, Manifest, Manifests
+from miles.runtime.store import RunStore
 
 pytestmark = pytest.mark.integration
 

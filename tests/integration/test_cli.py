@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from miles import embedded
-from miles.cli import SERVICES
-from miles.launcher import family
+from miles.cli.run import family
+from miles.runtime import embedded
+from miles.runtime.service import SERVICES
 
 pytestmark = pytest.mark.integration
 RECIPE = Path(__file__).parents[2] / "examples" / "addition" / "recipe.py"
@@ -102,7 +102,7 @@ def test_status_and_report_read_the_metrics_the_heartbeats_carry(
     import redis
 
     from miles import events
-    from miles.store import RunKeys
+    from miles.runtime.store import RunKeys
     from miles.telemetry import Metrics
 
     metrics = Metrics("trainer", "cli-metrics")

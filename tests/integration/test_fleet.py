@@ -16,9 +16,10 @@ import pytest
 import ray
 from transformers import AutoTokenizer
 
-from miles import events, raycluster
+from miles import events
 from miles.config import MilesConfig, load_config
-from miles.generation import EngineHandle, rollout_many
+from miles.engine.generation import EngineHandle, rollout_many
+from miles.runtime import raycluster
 from services.rollout.fleet import EngineFleet
 
 pytestmark = pytest.mark.integration

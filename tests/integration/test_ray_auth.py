@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from miles import raycluster
+from miles.runtime import raycluster
 
 pytestmark = pytest.mark.integration
 

@@ -20,21 +20,22 @@ import pytest
 import pytest_asyncio
 from nats.js import JetStreamContext
 
-from miles import embedded, events
-from miles.blobs import WEIGHTS_FILE, sha256_file
-from miles.bus import Bus, connect_nats
-from miles.checkpoint import Manifest, Manifests
+from miles import events
 from miles.config import MilesConfig, load_config
 from miles.recipe import Recipe, load_recipe
-from miles.service import ServiceContext, run_service
-from miles.store import RunStore, connect_redis
-from miles.subjects import (
+from miles.runtime import embedded
+from miles.runtime.bus import Bus, connect_nats
+from miles.runtime.checkpoint import Manifest, Manifests
+from miles.runtime.service import ServiceContext, run_service
+from miles.runtime.store import RunStore, connect_redis
+from miles.runtime.subjects import (
     BUFFER_CONSUMER,
     COORDINATOR_CONSUMER,
     REWARD_CONSUMER,
     ROLLOUT_CONSUMER,
     TRAINER_CONSUMER,
 )
+from miles.weights.blobs import WEIGHTS_FILE, sha256_file
 from services.buffer.main import main as buffer_main
 from services.coordinator.main import main as coordinator_main
 from services.reward.main import main as reward_main

@@ -26,7 +26,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from miles.embedded import free_port
 from miles.engine.protocol import GenerateRequest, SamplingParams
 from miles.engine.sglang_client import (
     SGLangConnectionError,
@@ -39,6 +38,7 @@ from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
 from miles.engine.shared_tensors import serialize_named_tensors
 from miles.engine.transformers_engine import WEIGHTS_FILE, TransformersEngine
+from miles.runtime.embedded import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio import Redis
 
 from miles import events
-from miles.store import RunStore, list_runs
+from miles.runtime.store import RunStore, list_runs
 
 pytestmark = pytest.mark.integration
 

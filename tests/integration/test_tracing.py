@@ -21,8 +21,8 @@ import pytest
 from observability import OtlpReceiver, serve_otlp
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from miles import embedded
-from miles.subjects import Subjects
+from miles.runtime import embedded
+from miles.runtime.subjects import Subjects
 
 pytestmark = pytest.mark.integration
 

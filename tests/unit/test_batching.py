@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from miles.batching import batch_id, filter_reason, make_batch
+from miles.algo.batching import batch_id, filter_reason, make_batch
 from miles.config import BufferConfig, GRPOConfig
 from miles.events import Sample, ScoredGroup
 

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from miles import plan_cli
+from miles.cli import plan as plan_cli
 from miles.planner import (
     GPU_PRESETS,
     MODEL_PRESETS,

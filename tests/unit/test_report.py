@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from miles import report
-from miles.cli import main
+from miles.cli import report
+from miles.cli.main import main
 from miles.telemetry.record import reward_histogram
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from miles.embedded import free_port
+from miles.runtime.embedded import free_port
 
 ServerKind = Literal["sglang", "local"]
 MODULES: dict[ServerKind, str] = {

@@ -198,7 +198,7 @@ class LocalSGLangServer:
         self._live: set[str] = set()  # rids accepted and not yet answered
         self._aborted: set[str] = set()
         self._groups: dict[str, WeightUpdateGroup] = {}
-        # Fault injection for the straggler test (miles.faults): seconds added to each generate.
+        # Fault injection for the straggler test (miles.runtime.faults): seconds per generate.
         self._delay = float(os.environ.get("MILES_ENGINE_DELAY", "0") or 0)
 
     def app(self) -> web.Application:

@@ -31,7 +31,7 @@ class MegatronRank:
         self.backend: Any = None
 
     def rendezvous_address(self) -> str:
-        from miles.embedded import free_port
+        from miles.runtime.embedded import free_port
 
         return f"tcp://{ray.util.get_node_ip_address()}:{free_port('')}"
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import torch.multiprocessing as mp
 
-from miles.embedded import free_port
+from miles.runtime.embedded import free_port
 from miles.trainer.megatron import distributed
 from miles.trainer.megatron.model import MegatronLayout
 

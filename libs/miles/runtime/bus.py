@@ -37,10 +37,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from opentelemetry.propagate import inject
 from opentelemetry.trace import Link, Span
 
 from miles import events, telemetry
-from miles.subjects import (
+from miles.runtime.subjects import (
     BUFFER_CONSUMER,
     COORDINATOR_CONSUMER,
     REWARD_CONSUMER,
@@ -348,6 +349,35 @@ class Bus:
             log.error("could not record the dead letter (%s); counting it only", exc)
         if self.on_dead_letter is not None:
             await self.on_dead_letter(reason)
+
+    async def broadcast(self, subject: str, event: events.Event) -> None:
+        """Fire-and-forget on core NATS (heartbeats, control, operator notices): no stream, no
+        ack, nobody need be listening. No span of its own (a heartbeat a second would flood the
+        traces), but the current trace context rides along, and the size check holds."""
+        payload = events.encode(event)
+        headers: dict[str, str] = {}
+        inject(headers)
+        if len(payload) > self.max_payload:
+            detail = f"{type(event).__name__} is {len(payload)} bytes, over max_payload"
+            await self.dead_letter(subject, payload, "oversized", detail)
+            raise Oversized(detail)
+        await self.nc.publish(subject, payload, headers=headers or None)
+
+    async def listen(
+        self, subject: str, expected: type[E], handler: Callable[[E], Awaitable[None]]
+    ) -> None:
+        """Call ``handler`` with every decoded ``expected`` broadcast on ``subject`` (wildcards
+        allowed); what does not decode is dead-lettered, never handed on."""
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                event = events.decode(msg.data, expected, self.run_id)
+            except events.BadEvent as exc:
+                await self.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
+                return
+            await handler(event)
+
+        await self.nc.subscribe(subject, cb=on_message)
 
     async def subscribe_latest(self, subject: str) -> JetStreamContext.PushSubscription:
         """An ordered consumer starting at the last message: every replica sees every update."""

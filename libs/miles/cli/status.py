@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import sys
 import time
 
 import redis
 from rich.console import Console
 from rich.table import Table
 
-from miles.store import RUNS_KEY
-from miles.summary import RunView
+from miles.runtime.bus import Unreachable
+from miles.runtime.run_view import RunView
+from miles.runtime.store import RUNS_KEY
 
 
 def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
@@ -72,3 +76,30 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
         )
     console.print(services)
     return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = sub.add_parser(
+        "status",
+        help="where a run stands, read from Redis",
+        description="Print step, policy version, reward, accuracy, samples/s "
+        "and live services. Without RUN, list runs.",
+    )
+    status.add_argument("run_id", nargs="?", metavar="RUN", help="run id (default: the latest)")
+    status.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL"),
+        help="Redis holding the run records (default: $REDIS_URL)",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.redis_url:
+        print("miles status needs --redis-url or REDIS_URL", file=sys.stderr)
+        return 2
+    client = redis.Redis.from_url(args.redis_url, decode_responses=True, socket_connect_timeout=3)
+    try:
+        return print_status(client, args.run_id, as_json=args.json)
+    except redis.exceptions.ConnectionError as exc:
+        raise Unreachable(f"cannot reach Redis at {args.redis_url}: {exc}") from exc

@@ -33,8 +33,8 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
-from miles.bus import Unreachable
 from miles.events import Heartbeat
+from miles.runtime.bus import Unreachable
 
 log = logging.getLogger(__name__)
 RUNS_KEY = "miles:runs"

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from miles.summary import RunView
+from miles.runtime.run_view import RunView
 
 
 class LiveView:

@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from miles.store import RunKeys
+from miles.runtime.store import RunKeys
 from miles.telemetry.readout import Readout
 
 

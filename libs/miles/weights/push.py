@@ -26,7 +26,6 @@ from typing import Protocol
 
 import torch
 
-from miles.embedded import free_port
 from miles.engine.sglang_client import (
     SGLangEngine,
     SGLangError,
@@ -36,6 +35,7 @@ from miles.engine.sglang_client import (
 )
 from miles.engine.sglang_server import tensor_checksum
 from miles.engine.shared_tensors import serialize_named_tensors
+from miles.runtime.embedded import free_port
 
 log = logging.getLogger("miles.trainer")
 GROUP = "miles_weights"

@@ -2,7 +2,7 @@
 
 Inputs resolve in order: the model and GPU presets, then the flags, then ``--set field=value``
 (any field of the cluster, the model or the options; ``model.num_layers=40`` or just
-``num_layers=40``). Standalone: ``python -m miles.plan_cli --model llama3-8b --gpus 8``.
+``num_layers=40``). Standalone: ``python -m miles.cli.plan --model llama3-8b --gpus 8``.
 """
 
 from __future__ import annotations

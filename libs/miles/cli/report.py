@@ -17,9 +17,11 @@ trainer's seconds per step by phase, and every service's seconds and CPU per pha
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any
 
 import redis
 
-from miles.summary import RunView
+from miles.runtime.run_view import RunView
 from miles.telemetry.readout import Readout
 
 log = logging.getLogger(__name__)
@@ -322,3 +324,29 @@ def _num(value: float | None) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = sub.add_parser(
+        "report",
+        help="plots and a markdown summary of a run",
+        description="Write PNG plots (reward mean and distribution per step, held-out "
+        "accuracy, time per phase, bleed) and report.md. Reads the run from Redis when "
+        "--redis-url / REDIS_URL reaches one that holds it, else from the files `miles run` "
+        "wrote in runs/<id>/ (summary.json, steps.jsonl, metrics.json).",
+    )
+    report.add_argument("run", metavar="RUN", help="run id, or a run directory")
+    report.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="default: $REDIS_URL"
+    )
+    report.add_argument(
+        "--output-dir", type=Path, default=Path("runs"), help="where run ids are found"
+    )
+    report.add_argument("--out", type=Path, help="where to write (default: <run dir>/report)")
+
+
+def run(args: argparse.Namespace) -> int:
+    data, run_dir = load(args.run, args.redis_url, args.output_dir)
+    for path in write_report(data, args.out or run_dir / "report"):
+        print(path)
+    return 0

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 
 from miles import events
-from miles.blobs import BlobStore, DirBlobStore, ObjectBlobStore
-from miles.bus import Bus
 from miles.config import MilesConfig
+from miles.runtime.bus import Bus
+from miles.weights.blobs import BlobStore, DirBlobStore, ObjectBlobStore
 
 log = logging.getLogger(__name__)
 

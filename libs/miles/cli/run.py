@@ -32,13 +32,16 @@ from pathlib import Path
 
 import redis
 
-from miles import embedded, raycluster, report
-from miles.cli import SERVICES, resolve_config
+from miles.cli import report
+from miles.cli.common import config_args, resolve_config, run_id_arg
+from miles.cli.live import LiveView
 from miles.config import MilesConfig
-from miles.live import LiveView
 from miles.recipe import Recipe, load_recipe
-from miles.store import RunKeys
-from miles.summary import RunView
+from miles.runtime import embedded, raycluster
+from miles.runtime.run_view import RunView
+from miles.runtime.service import SERVICES
+from miles.runtime.store import RunKeys
+from miles.runtime.subjects import check_run_id
 
 
 @dataclass
@@ -110,7 +113,7 @@ def prepare(args: argparse.Namespace) -> tuple[Recipe, MilesConfig, str, Path, L
         raise FileNotFoundError("miles run needs a recipe file, or --resume RUN_ID")
     recipe = load_recipe(args.recipe)
     config = resolve_config(recipe.config, args.config, args.overrides)
-    run_id = (
+    run_id = check_run_id(
         args.run_id or f"{config.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
     run_dir = (config.run.output_dir / run_id).resolve()
@@ -135,7 +138,29 @@ def _stop(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
 
-def launch(args: argparse.Namespace) -> int:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run a recipe end to end on this machine",
+        description="Start NATS, Redis and Ray if needed, then the five services "
+        "as separate processes; show live progress; write runs/<id>/summary.json.",
+    )
+    run.add_argument("recipe", type=Path, nargs="?", help="the recipe file (Python)")
+    config_args(run)
+    run.add_argument("--run-id", type=run_id_arg, help="run id (default: <run.name>-<time>)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        type=run_id_arg,
+        help="continue an interrupted run from its latest manifest (same id, data and config)",
+    )
+    run.add_argument(
+        "--output-dir", type=Path, default=Path("runs"), help="where --resume finds RUN_ID"
+    )
+    run.add_argument("--quiet", action="store_true", help="no live view; one line per step")
+
+
+def run(args: argparse.Namespace) -> int:
     # Without this a SIGTERM would end the launcher on the spot and leave its services and
     # embedded servers running with no one to stop them.
     signal.signal(signal.SIGTERM, _stop)

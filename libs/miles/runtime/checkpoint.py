@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from miles.store import RunKeys
+from miles.runtime.store import RunKeys
 
 
 class Manifest(msgspec.Struct, kw_only=True):

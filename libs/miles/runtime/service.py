@@ -21,14 +21,17 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from miles import events, telemetry
-from miles.bus import Bus, connect_nats
-from miles.checkpoint import Manifests
 from miles.config import MilesConfig
 from miles.recipe import Recipe
-from miles.store import RunStore, connect_redis
-from miles.subjects import Subjects
+from miles.runtime.bus import Bus, connect_nats
+from miles.runtime.checkpoint import Manifests
+from miles.runtime.store import RunStore, connect_redis
+from miles.runtime.subjects import Subjects
 from miles.telemetry import Metrics, Phase, record
 from miles.telemetry.record import BleedWindow
+
+SERVICES = ("coordinator", "rollout", "reward", "buffer", "trainer")
+"""The five services of a run, in the order `miles run` starts them."""
 
 DEAD_LETTER_REASONS = (
     *events.BAD_EVENT_REASONS,
@@ -141,9 +144,7 @@ class ServiceContext:
         while not self.stopping.is_set():
             await self._poll_consumers()
             beat = self.heartbeat()
-            await self.bus.nc.publish(
-                self.subjects.heartbeat(self.service, self.instance), events.encode(beat)
-            )
+            await self.bus.broadcast(self.subjects.heartbeat(self.service, self.instance), beat)
             await self.store.heartbeat(beat)  # `miles status` works even without a coordinator
             status = await self.store.status()
             if status in ("finished", "failed"):
@@ -153,17 +154,12 @@ class ServiceContext:
                 await asyncio.wait_for(self.stopping.wait(), timeout=period)
 
     async def _control(self) -> None:
-        async def on_message(msg) -> None:  # type: ignore[no-untyped-def]
-            try:
-                control = events.decode(msg.data, events.Control, self.run_id)
-            except events.BadEvent as exc:
-                await self.bus.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
-                return
+        async def on_control(control: events.Control) -> None:
             if control.command == "stop":
                 log.info("%s: stop requested (%s)", self.service, control.reason)
                 self.stopping.set()
 
-        await self.bus.nc.subscribe(self.subjects.control(), cb=on_message)
+        await self.bus.listen(self.subjects.control(), events.Control, on_control)
 
 
 async def run_service(

@@ -1,0 +1,1 @@
+"""The `miles` command line: one module per command (run, serve, status, report, plan)."""
