@@ -16,12 +16,10 @@ from __future__ import annotations
 import logging
 import time
 
-from nats.aio.msg import Msg
-
 from miles import events, telemetry
 from miles.algo.batching import BAD_INPUT, FILTER_REASONS, dispatch_order, filter_reason, make_batch
 from miles.runtime import faults
-from miles.runtime.bus import Oversized
+from miles.runtime.bus import Message, Oversized
 from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import BUFFER_CONSUMER
 from miles.telemetry import record
@@ -33,7 +31,7 @@ async def main(ctx: ServiceContext) -> None:
     bus, config, store = ctx.bus, ctx.config, ctx.store
     size = config.buffer.groups_per_batch
     scored = await bus.pull("scored", BUFFER_CONSUMER)
-    pending: dict[str, tuple[events.ScoredGroup, Msg]] = {}
+    pending: dict[str, tuple[events.ScoredGroup, Message]] = {}
     replays: dict[str, list[str]] = {}  # batch id -> its task ids: planned, maybe not published
     last_touch = time.monotonic()
     held_version = -1
@@ -51,12 +49,12 @@ async def main(ctx: ServiceContext) -> None:
                 with bus.process(msg):  # the end of the group's journey: accepted or dropped
                     ctx.metrics.groups_received.inc()
                     plan = plans.get(group.task_id)
-                    if plan is not None and plan[2]:  # its batch is durable in the stream already
+                    if plan is not None and plan.published:  # its batch is in the stream
                         pending.pop(group.task_id, None)
                         await msg.ack()
                     elif plan is not None:  # planned before a crash: wait for its whole batch
                         pending[group.task_id] = (group, msg)
-                        replays[plan[0]] = plan[1]
+                        replays[plan.batch_id] = plan.task_ids
                     else:
                         pending[group.task_id] = (group, msg)
                         await admit(ctx, group, msg, version, pending)
@@ -97,9 +95,9 @@ async def main(ctx: ServiceContext) -> None:
 async def admit(
     ctx: ServiceContext,
     group: events.ScoredGroup,
-    msg: Msg,
+    msg: Message,
     version: int,
-    pending: dict[str, tuple[events.ScoredGroup, Msg]],
+    pending: dict[str, tuple[events.ScoredGroup, Message]],
 ) -> None:
     """Keep a held group, or drop it (recorded, acked) if it cannot be trained on."""
     reason = filter_reason(group, version, ctx.config.buffer)
@@ -112,7 +110,9 @@ async def admit(
     await msg.ack()
 
 
-async def publish_batch(ctx: ServiceContext, held: list[tuple[events.ScoredGroup, Msg]]) -> None:
+async def publish_batch(
+    ctx: ServiceContext, held: list[tuple[events.ScoredGroup, Message]]
+) -> None:
     """Plan, publish, mark published, ack: a crash anywhere in between replays the same batch.
 
     The batch starts a trace of its own, linked to its groups' traces, and carries their

@@ -13,13 +13,12 @@ import asyncio
 import logging
 import time
 
-from nats.aio.msg import Msg
 from transformers import AutoTokenizer
 
 from miles import events, telemetry
 from miles.engine.generation import EngineHandle, rollout_many
 from miles.runtime import faults, raycluster
-from miles.runtime.bus import Oversized
+from miles.runtime.bus import Message, Oversized
 from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import ROLLOUT_CONSUMER
 from miles.telemetry import record
@@ -125,7 +124,7 @@ async def sync_weights(
 
 
 async def generate_and_publish(
-    ctx: ServiceContext, fleet: EngineFleet, batch: list[tuple[events.Task, Msg]]
+    ctx: ServiceContext, fleet: EngineFleet, batch: list[tuple[events.Task, Message]]
 ) -> None:
     engines = fleet.active
     shares = [batch[i :: len(engines)] for i in range(len(engines))]
@@ -162,7 +161,7 @@ async def generate_and_publish(
 
 
 async def generate(
-    ctx: ServiceContext, engine: EngineHandle, share: list[tuple[events.Task, Msg]]
+    ctx: ServiceContext, engine: EngineHandle, share: list[tuple[events.Task, Message]]
 ) -> tuple[list[list[events.Sample]], float, str]:
     start = time.monotonic()
     tasks = [task for task, _ in share]

@@ -22,12 +22,12 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import ray
-from nats.aio.msg import Msg
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from miles import events, telemetry
 from miles.config import TrainerConfig
 from miles.runtime import faults, raycluster
+from miles.runtime.bus import Message
 from miles.runtime.checkpoint import CommitRefused, Manifest
 from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import TRAINER_CONSUMER
@@ -87,7 +87,7 @@ async def train(
     actor: Any,
     blobs: BlobStore,
     batch: events.Batch,
-    msg: Msg,
+    msg: Message,
     step: int,
     state: tuple[str | None, str | None, int],
     seconds: dict[str, float],
@@ -165,7 +165,7 @@ async def until_restarted(actor: Any, timeout: float = 120.0) -> None:
             await asyncio.sleep(0.5)
 
 
-async def reannounce(ctx: ServiceContext, batch: events.Batch, msg: Msg) -> None:
+async def reannounce(ctx: ServiceContext, batch: events.Batch, msg: Message) -> None:
     """A redelivered batch the ledger says was trained: announce its step again and ack."""
     done = await ctx.manifests.step_of(batch.batch_id)
     log.info("batch %s was trained in step %s; re-announcing", batch.batch_id, done and done.step)
@@ -174,7 +174,7 @@ async def reannounce(ctx: ServiceContext, batch: events.Batch, msg: Msg) -> None
     await msg.ack()
 
 
-async def push_weights(ctx: ServiceContext, actor: Any, step: int, msg: Msg) -> None:
+async def push_weights(ctx: ServiceContext, actor: Any, step: int, msg: Message) -> None:
     """Push the committed weights into the live engines before announcing them: an engine
     the push missed loads the same version from the blob store instead."""
     urls = await ctx.store.engine_urls()

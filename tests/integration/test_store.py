@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio import Redis
 
 from miles import events
-from miles.runtime.store import RunStore, list_runs
+from miles.runtime.store import BatchPlan, RunStore, list_runs
 
 pytestmark = pytest.mark.integration
 
@@ -89,6 +89,7 @@ async def test_batch_plans_survive_for_a_restarted_buffer(store: RunStore) -> No
     assert await store.batch_plans(["t1", "t2", "t3"]) == {}
     await store.plan_batch("b-1", ["t1", "t2"])
     plans = await store.batch_plans(["t1", "t3", "t2"])
-    assert plans == {"t1": ("b-1", ["t1", "t2"], False), "t2": ("b-1", ["t1", "t2"], False)}
+    planned = BatchPlan("b-1", ["t1", "t2"], published=False)
+    assert plans == {"t1": planned, "t2": planned}
     await store.mark_published("b-1", ["t1", "t2"])
-    assert (await store.batch_plans(["t2"]))["t2"] == ("b-1", ["t1", "t2"], True)
+    assert (await store.batch_plans(["t2"]))["t2"] == BatchPlan("b-1", ["t1", "t2"], True)

@@ -48,6 +48,17 @@ return 0
 """
 
 
+class BatchPlan(msgspec.Struct, frozen=True):
+    """A batch the buffer planned: its groups in order, and whether it reached the stream."""
+
+    batch_id: str
+    task_ids: list[str]
+    published: bool
+
+
+_PLAN = msgspec.json.Decoder(BatchPlan)
+
+
 class RunKeys:
     """The key layout above, spelled once for the async store and the sync readers."""
 
@@ -216,18 +227,18 @@ class RunStore:
 
     async def plan_batch(self, batch_id: str, task_ids: list[str]) -> None:
         """Record a batch's groups before it is published, so a restarted buffer rebuilds it."""
-        plan = json.dumps({"task_ids": task_ids, "published": False})
+        plan = msgspec.json.encode(BatchPlan(batch_id, task_ids, published=False)).decode()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(self.keys.batches, batch_id, plan)
             pipe.hset(self.keys.batched, mapping=dict.fromkeys(task_ids, batch_id))
             await pipe.execute()
 
     async def mark_published(self, batch_id: str, task_ids: list[str]) -> None:
-        plan = json.dumps({"task_ids": task_ids, "published": True})
+        plan = msgspec.json.encode(BatchPlan(batch_id, task_ids, published=True)).decode()
         await self.redis.hset(self.keys.batches, batch_id, plan)
 
-    async def batch_plans(self, task_ids: list[str]) -> dict[str, tuple[str, list[str], bool]]:
-        """task id -> (batch id, the batch's task ids, published) for tasks already batched."""
+    async def batch_plans(self, task_ids: list[str]) -> dict[str, BatchPlan]:
+        """task id -> the plan of the batch it is in, for the tasks already batched."""
         if not task_ids:
             return {}
         owners = await self.redis.hmget(self.keys.batched, task_ids)
@@ -235,13 +246,12 @@ class RunStore:
         if not batch_ids:
             return {}
         found = await self.redis.hmget(self.keys.batches, batch_ids)
-        plans = dict(zip(batch_ids, found, strict=True))
-        out = {}
-        for task_id, batch_id in zip(task_ids, owners, strict=True):
-            if batch_id is not None and plans[batch_id] is not None:
-                plan = json.loads(plans[batch_id])
-                out[task_id] = (batch_id, plan["task_ids"], plan["published"])
-        return out
+        plans = {b: _PLAN.decode(raw) for b, raw in zip(batch_ids, found, strict=True) if raw}
+        return {
+            task_id: plans[batch_id]
+            for task_id, batch_id in zip(task_ids, owners, strict=True)
+            if batch_id in plans
+        }
 
 
 async def list_runs(client: aioredis.Redis) -> list[str]:

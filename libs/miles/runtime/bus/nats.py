@@ -41,6 +41,7 @@ from opentelemetry.propagate import inject
 from opentelemetry.trace import Link, Span
 
 from miles import events, telemetry
+from miles.runtime.bus.port import Message
 from miles.runtime.subjects import (
     BUFFER_CONSUMER,
     COORDINATOR_CONSUMER,
@@ -267,7 +268,7 @@ class Bus:
         expected: type[E],
         batch: int,
         timeout: float,
-    ) -> list[tuple[E, Msg]]:
+    ) -> list[tuple[E, Message]]:
         """Pull up to ``batch`` messages; bad ones are dead-lettered and acked here."""
         try:
             messages = await subscription.fetch(batch=batch, timeout=timeout)
@@ -277,7 +278,7 @@ class Bus:
             log.warning("fetch from NATS failed (%s); waiting for it to come back", exc)
             await asyncio.sleep(timeout)
             return []
-        good: list[tuple[E, Msg]] = []
+        good: list[tuple[E, Message]] = []
         for msg in messages:
             try:
                 good.append((events.decode(msg.data, expected, self.run_id), msg))
@@ -288,7 +289,7 @@ class Bus:
         return good
 
     def process(
-        self, msg: Msg, links: Sequence[Link] = (), start_time: int | None = None
+        self, msg: Message, links: Sequence[Link] = (), start_time: int | None = None
     ) -> AbstractContextManager[Span]:
         """The ``process <subject>`` span of handling one pulled message, made current.
 
@@ -318,7 +319,7 @@ class Bus:
                 log.debug("consumer info of %s/%s unavailable: %s", stream, durable, exc)
         return infos
 
-    async def hold(self, work: Awaitable[T], messages: list[Msg]) -> T:
+    async def hold(self, work: Awaitable[T], messages: Sequence[Message]) -> T:
         """``work`` while telling JetStream we still hold ``messages``, every third of AckWait."""
         return await hold(work, messages, every=self.ack_wait / 3)
 
@@ -386,7 +387,7 @@ class Bus:
         )
 
 
-async def hold(work: Awaitable[T], messages: list[Msg], every: float) -> T:
+async def hold(work: Awaitable[T], messages: Sequence[Message], every: float) -> T:
     """Run ``work`` while telling JetStream we still hold ``messages`` (no redelivery)."""
     task = asyncio.ensure_future(work)
     while True:
