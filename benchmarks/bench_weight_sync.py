@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from miles.engine.sglang_client import SGLangEngine, broadcast_weights, join_weight_update_group
+from miles.engine.sglang_client import SGLangClient, broadcast_weights, join_weight_update_group
 from miles.engine.sglang_launcher import SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
 from miles.engine.shared_tensors import serialize_named_tensors
@@ -100,7 +100,7 @@ async def main() -> None:
         results: dict[str, list[float]] = {}
         try:
             base_url = await asyncio.to_thread(server.start)
-            engine = SGLangEngine(base_url)
+            engine = SGLangClient(base_url)
             results["local disk write (baseline)"] = await timed(args.repeats, local_disk)
 
             def through(store: BlobStore) -> Callable[[int], Awaitable[None]]:

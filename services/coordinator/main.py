@@ -18,17 +18,13 @@ import time
 
 from miles import events
 from miles.data import load_prompts
+from miles.runtime.bus import Bus, Message
+from miles.runtime.run_record import RunStorePort
 from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import COORDINATOR_CONSUMER
-from services.coordinator.evaluation import (
-    EvalRound,
-    dispatch_eval,
-    record_result,
-    recorded,
-    summarize,
-)
-from services.coordinator.liveness import Liveness
-from services.coordinator.pacing import Pacer
+from services.coordinator.evaluator import Evaluator
+from services.coordinator.feed import Feed
+from services.coordinator.watch import Watch
 
 log = logging.getLogger("miles.coordinator")
 
@@ -39,65 +35,54 @@ async def main(ctx: ServiceContext) -> None:
     created = await store.create_run(config.hash(), config.model_dump_json())
     train = load_prompts(config, ctx.recipe, "train")
     held_out = load_prompts(config, ctx.recipe, "eval")
-    pacer = await Pacer.resume(ctx, train)
-    log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", pacer.step)
-    liveness = Liveness(ctx)
-    await liveness.start()
+    feed = await Feed.resume(bus, store, ctx.metrics, config, train)
+    log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", feed.step)
+    watch = Watch(bus, store, ctx.metrics, config.coordinator.heartbeat_seconds)
+    await watch.start()
     inbox = await bus.pull("ledger", COORDINATOR_CONSUMER)
-    rounds: dict[int, EvalRound] = {r: EvalRound.recorded_round(r) for r in await recorded(ctx)}
-    if pacer.step not in rounds:
-        rounds[pacer.step] = await dispatch_eval(ctx, pacer.step, held_out)
+    evaluator = await Evaluator.resume(bus, store, config, held_out, ctx.instance)
+    await evaluator.begin(feed.step)
     last_step = config.run.steps
 
     while not ctx.stopping.is_set():
         with ctx.busy():
-            await liveness.check()
-            await pacer.dispatch()  # on the counters refreshed at the end of the last round
+            await watch.check()
+            await feed.dispatch()  # on the counters refreshed at the end of the last round
         with ctx.waiting():
             arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
         with ctx.busy():
-            for event, msg in arrived:
-                with bus.process(msg):
-                    if isinstance(event, events.StepCommitted):
-                        await store.update(reward_mean=event.reward_mean, loss=event.loss)
-                        due = event.step % config.coordinator.eval_every == 0
-                        due = due or event.step == last_step
-                        if due and event.step not in rounds and event.step <= last_step:
-                            rounds[event.step] = await dispatch_eval(ctx, event.step, held_out)
-                    elif isinstance(event, events.ScoredGroup):
-                        record_result(rounds, event, config.coordinator.correct_reward)
-                        done = rounds.get(event.eval_round)
-                        if done is not None and done.complete and not done.recorded:
-                            await record_round(ctx, done)
-                    await msg.ack()
-            for late in [r for r in rounds.values() if r.overdue]:
-                log.warning(
-                    "eval after step %d: %d of %d results after %.0fs; recording it partial",
-                    late.round,
-                    len(late.rewards),
-                    len(late.task_ids),
-                    config.coordinator.eval_timeout_seconds,
-                )
-                await record_round(ctx, late)
-            await pacer.refresh()
-            if pacer.step >= last_step and all(r.complete for r in rounds.values()):
+            await read_ledger(bus, store, evaluator, arrived)
+            await evaluator.write_overdue()
+            await feed.refresh()
+            if feed.step >= last_step and evaluator.complete:
                 break
 
-    if pacer.step >= last_step:
-        await store.update(status="finished", finished=time.time())
-        stop = events.Control(
-            run_id=ctx.run_id,
-            policy_version=pacer.step,
-            command="stop",
-            reason=f"{last_step} steps committed",
-        )
-        await bus.broadcast(ctx.subjects.control("stop"), stop)
-        log.info("run %s finished: %d steps", ctx.run_id, pacer.step)
+    if feed.step >= last_step:
+        await finish(bus, store, feed.step, last_step)
 
 
-async def record_round(ctx: ServiceContext, done: EvalRound) -> None:
-    result = summarize(done)
-    done.recorded = True
-    await ctx.store.add_eval(result)
-    await ctx.store.update(accuracy=result["accuracy"], eval_step=done.round)
-    log.info("eval after step %d: accuracy %.3f", done.round, result["accuracy"])
+async def read_ledger(
+    bus: Bus, store: RunStorePort, evaluator: Evaluator, arrived: list[tuple[events.Event, Message]]
+) -> None:
+    """Each notice acked once the run record (or, for eval results, the round) holds it;
+    filtered groups only wake the loop: the buffer recorded them already."""
+    for event, msg in arrived:
+        with bus.process(msg):
+            if isinstance(event, events.StepCommitted):
+                await store.update(reward_mean=event.reward_mean, loss=event.loss)
+                await evaluator.after_step(event.step)
+            elif isinstance(event, events.ScoredGroup):
+                await evaluator.on_result(event)
+            await msg.ack()
+
+
+async def finish(bus: Bus, store: RunStorePort, step: int, last_step: int) -> None:
+    await store.update(status="finished", finished=time.time())
+    stop = events.Control(
+        run_id=bus.run_id,
+        policy_version=step,
+        command="stop",
+        reason=f"{last_step} steps committed",
+    )
+    await bus.broadcast(bus.subjects.control("stop"), stop)
+    log.info("run %s finished: %d steps", bus.run_id, step)

@@ -1,4 +1,4 @@
-"""Pacing: how many training tasks may be out at once.
+"""Pacing: how many training tasks may be out at once (pure: counters in, cursors out).
 
 Two bounds, both counted in prompt groups (B = ``buffer.groups_per_batch``, k = ``max_staleness``):
 
@@ -8,74 +8,69 @@ Two bounds, both counted in prompt groups (B = ``buffer.groups_per_batch``, k = 
   (the bounded-staleness rule of AReaL, Fu et al. 2025, arXiv:2505.24298).
 - in-flight bound: dispatched minus (trained + filtered) stays under ``max_groups_in_flight``.
 
-The counters live in the run record, so a restarted coordinator resumes the dataset cursor.
+The counters live in the run record (``feed.py`` reads them), so a restarted coordinator resumes
+the dataset cursor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from miles import events, telemetry
+from miles import events
+from miles.config import MilesConfig
 from miles.data import Prompt
-from miles.runtime import faults
-from miles.runtime.service import ServiceContext
 
 
-@dataclass
-class Pacer:
-    ctx: ServiceContext
-    prompts: list[Prompt]
-    cursor: int = 0
+@dataclass(frozen=True)
+class Progress:
+    """The counters others own: steps the trainer committed, groups it trained on, groups the
+    buffer dropped (each replaced by a new one)."""
+
     step: int = 0
     trained_groups: int = 0
     filtered_groups: int = 0
 
+
+@dataclass(frozen=True)
+class Pacing:
+    steps: int
+    groups_per_batch: int
+    max_staleness: int
+    max_groups_in_flight: int
+
     @classmethod
-    async def resume(cls, ctx: ServiceContext, prompts: list[Prompt]) -> Pacer:
-        pacer = cls(ctx, prompts, cursor=int((await ctx.store.run()).get("cursor", 0)))
-        await pacer.refresh()
-        return pacer
+    def from_config(cls, config: MilesConfig) -> Pacing:
+        return cls(
+            steps=config.run.steps,
+            groups_per_batch=config.buffer.groups_per_batch,
+            max_staleness=config.buffer.max_staleness,
+            max_groups_in_flight=config.coordinator.max_groups_in_flight,
+        )
 
-    async def refresh(self) -> None:
-        """Read the counters others own: steps committed by the trainer, groups the buffer
-        dropped. Both are idempotent records in Redis, so a redelivered event counts once."""
-        run = await self.ctx.store.run()
-        self.step = int(run.get("step", 0))
-        self.trained_groups = int(run.get("trained_groups", 0))
-        self.filtered_groups = await self.ctx.store.filtered_groups()
-        self.ctx.metrics.step.set(self.step)
-        self.ctx.metrics.policy_version.set(self.step)
+    def allowed(self, progress: Progress) -> int:
+        """How many groups may have been dispatched in all, given ``progress``."""
+        horizon = min(progress.step + self.max_staleness + 1, self.steps)
+        gate = horizon * self.groups_per_batch + progress.filtered_groups
+        done = progress.trained_groups + progress.filtered_groups
+        return min(gate, done + self.max_groups_in_flight)
 
-    def allowed(self) -> int:
-        buffer = self.ctx.config.buffer
-        horizon = min(self.step + buffer.max_staleness + 1, self.ctx.config.run.steps)
-        gate = horizon * buffer.groups_per_batch + self.filtered_groups
-        in_flight = self.trained_groups + self.filtered_groups
-        bound = in_flight + self.ctx.config.coordinator.max_groups_in_flight
-        return min(gate, bound)
+    def due(self, progress: Progress, cursor: int) -> range:
+        """The cursors to dispatch now, from ``cursor`` on (empty when it is past the bounds)."""
+        return range(cursor, max(cursor, self.allowed(progress)))
 
-    async def dispatch(self) -> None:
-        """Publish the tasks the bounds allow now, each the root of its own trace.
 
-        The task id is the cursor, and the publish is deduplicated by it: a coordinator that
-        dies between publishing and recording the cursor publishes the same task again, and
-        JetStream keeps one copy.
-        """
-        rollout = self.ctx.config.rollout
-        while self.cursor < self.allowed():
-            prompt = self.prompts[self.cursor % len(self.prompts)]
-            task = events.Task(
-                run_id=self.ctx.run_id,
-                policy_version=self.step,
-                task_id=f"t{self.cursor}",
-                prompt=prompt.prompt,
-                label=prompt.label,
-                group_size=rollout.group_size,
-                seed=self.ctx.config.run.seed * 1_000_003 + self.cursor,
-            )
-            with telemetry.root_span("dispatch", {"miles.task_id": task.task_id}):
-                await self.ctx.bus.publish(self.ctx.subjects.tasks, task, msg_id=task.task_id)
-            self.ctx.metrics.tasks_published.inc()
-            faults.crash_point("coordinator.dispatched")
-            self.cursor += 1
-            await self.ctx.store.update(cursor=self.cursor)
+def training_task(
+    run_id: str, prompts: list[Prompt], cursor: int, policy_version: int, group_size: int, seed: int
+) -> events.Task:
+    """The task at ``cursor``: the dataset cycled, its id the cursor (the publish dedupes by it),
+    its sampling seed derived from the run's, so a re-sent task generates the same group."""
+    prompt = prompts[cursor % len(prompts)]
+    return events.Task(
+        run_id=run_id,
+        policy_version=policy_version,
+        task_id=f"t{cursor}",
+        prompt=prompt.prompt,
+        label=prompt.label,
+        group_size=group_size,
+        seed=seed * 1_000_003 + cursor,
+    )

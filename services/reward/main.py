@@ -4,6 +4,8 @@ loop:
     pull generated groups (shared durable consumer: start more replicas to scale)
     score every sample with the recipe's @miles.reward functions (failures recorded, not raised)
     publish the scored group (train -> buffer, eval -> coordinator), then ack the input
+
+What a scored group is and where it goes are ``core``'s decisions; this is the loop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import REWARD_CONSUMER
 from miles.scoring import score
 from miles.telemetry import record
+from services.reward.core import Delivery, delivery, scored_group
 
 log = logging.getLogger("miles.reward")
 
@@ -33,30 +36,27 @@ async def main(ctx: ServiceContext) -> None:
             batch = await bus.fetch(generated, events.GeneratedGroup, 16, 1.0)
         for group, msg in batch:
             with ctx.busy("reward"), bus.process(msg):
-                with telemetry.span("score"):
-                    start = time.monotonic()
-                    rewards = [await score(sample, ctx.recipe.rewards) for sample in group.samples]
-                    for sample in group.samples:
-                        if sample.failed:
-                            log.warning("sample %s failed: %s", sample.sample_id, sample.error)
-                    scored = events.ScoredGroup(
-                        run_id=ctx.run_id,
-                        policy_version=group.policy_version,
-                        task_id=group.task_id,
-                        split=group.split,
-                        eval_round=group.eval_round,
-                        samples=group.samples,
-                        score_seconds=time.monotonic() - start,
-                    )
-                    record.scored(ctx.metrics, scored, rewards)
-                subject = (
-                    ctx.subjects.scored if group.split == "train" else ctx.subjects.eval_scored
-                )
-                try:
-                    await bus.publish(subject, scored, msg_id=f"scored/{group.task_id}")
-                except Oversized:  # dead-lettered; the coordinator dispatches a replacement
-                    if group.split == "train":
-                        await ctx.store.record_filtered(group.task_id, "oversized")
+                await deliver(ctx, await score_group(ctx, group))
                 faults.crash_point("reward.mid_batch")
                 await msg.ack()
                 ctx.clock.processed += 1
+
+
+async def score_group(ctx: ServiceContext, group: events.GeneratedGroup) -> Delivery:
+    with telemetry.span("score"):
+        start = time.monotonic()
+        rewards = [await score(sample, ctx.recipe.rewards) for sample in group.samples]
+        for sample in group.samples:
+            if sample.failed:
+                log.warning("sample %s failed: %s", sample.sample_id, sample.error)
+        scored = scored_group(ctx.run_id, group, time.monotonic() - start)
+        record.scored(ctx.metrics, scored, rewards)
+    return delivery(ctx.subjects, scored)
+
+
+async def deliver(ctx: ServiceContext, out: Delivery) -> None:
+    try:
+        await ctx.bus.publish(out.subject, out.scored, msg_id=out.msg_id)
+    except Oversized:  # dead-lettered by the bus
+        if out.replace_if_oversized:
+            await ctx.store.record_filtered(out.scored.task_id, "oversized")

@@ -2,16 +2,15 @@
 
 Each engine is its own server process, started by a Ray actor that holds its resources
 (``SGLangServerProcess``: `sglang.launch_server` on GPUs, miles' CPU server here) and driven
-over SGLang's HTTP API (``SGLangEngine``). The fleet:
+over SGLang's HTTP API (``SGLangClient``). The fleet:
 
-- loads new weights into every engine: pause, ``/update_weights_from_disk``, continue;
+- loads new weights into every engine behind: pause, ``/update_weights_from_disk``, continue;
 - recovers an engine that dies (its server process, or its actor's worker) without restarting
   the rollout service: the server is started again (or the actor replaced when Ray will not
   restart it), re-synced to the weights the fleet last loaded, and the interrupted generation
   retried (requests carry their own seeds, so the retry samples the same tokens);
-- finds stragglers: an engine whose tokens/s stays under ``rollout.straggler_fraction`` of the
-  fleet's median for ``rollout.straggler_patience`` rounds is flagged, drained (it gets no work)
-  and restarted; after ``rollout.straggler_restarts`` restarts it stays drained.
+- acts on the straggler verdicts (``stragglers``): flags a straggler, drains it (it gets no
+  work) and restarts it, or leaves it drained once it used its restarts.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,12 +27,15 @@ import ray
 import ray.exceptions
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from transformers import PreTrainedTokenizerBase
 
 from miles.config import MilesConfig, RolloutConfig
 from miles.engine.generation import EngineHandle, EngineReset
-from miles.engine.sglang_client import SGLangConnectionError, SGLangEngine, SGLangError
+from miles.engine.sglang_client import SGLangClient, SGLangConnectionError, SGLangError
 from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
 from miles.runtime import faults
+from services.rollout.stragglers import StragglerAction, StragglerTracker, Throughput
+from services.rollout.weight_sync import engines_behind
 
 log = logging.getLogger("miles.rollout")
 T = TypeVar("T")
@@ -42,21 +43,20 @@ ENGINE_DIED = (ray.exceptions.RayActorError, SGLangConnectionError, EngineReset)
 
 
 @dataclass
-class Engine:
-    """One engine: the actor that owns its server process, and the handle rollouts use."""
+class EngineSlot:
+    """One place in the fleet: the actor that owns the engine's server, and its handle.
+
+    The slot outlives its server and actor: a recovered engine keeps its index (its placement
+    bundle), its name and its handle, with a new client to the new server's ``url``.
+    """
 
     index: int
-    actor: Any
+    actor: Any  # a Ray actor handle of SGLangServerProcess
     handle: EngineHandle
-    drained: bool = False
-    slow_rounds: int = 0
-    restarts: int = 0
-    rate: float | None = None  # tokens/s over the last round it worked
-    counted: tuple[int, float] = (0, 0.0)  # handle's tokens and seconds at the last check
-    flags: list[str] = field(default_factory=list)
+    url: str
 
 
-OnStraggler = Callable[[EngineHandle, float, float, str], Awaitable[None]]
+OnStraggler = Callable[[EngineHandle, float, float, StragglerAction], Awaitable[None]]
 
 
 class EngineFleet:
@@ -64,7 +64,7 @@ class EngineFleet:
         self,
         config: MilesConfig,
         model_path: Path,
-        tokenizer: object,
+        tokenizer: PreTrainedTokenizerBase,
         tag: str,
         log_dir: Path,
         on_straggler: OnStraggler | None = None,
@@ -77,8 +77,15 @@ class EngineFleet:
         self.on_straggler = on_straggler
         self.current: tuple[Path, int] | None = None  # the weights every engine should hold
         self.replaced = 0
-        self.engines: list[Engine] = []
+        self.engines: list[EngineSlot] = []
         self.placement: PlacementGroup | None = None
+        rollout = config.rollout
+        self.stragglers = StragglerTracker(
+            rollout.engines,
+            rollout.straggler_fraction,
+            rollout.straggler_patience,
+            rollout.straggler_restarts,
+        )
 
     async def start(self) -> None:
         """Reserve one placement-group bundle per engine, then start every server in parallel.
@@ -105,16 +112,20 @@ class EngineFleet:
 
     @property
     def handles(self) -> list[EngineHandle]:
-        return [engine.handle for engine in self.engines]
+        return [slot.handle for slot in self.engines]
 
     @property
     def active(self) -> list[EngineHandle]:
         """Engines that get work: all but drained stragglers."""
-        return [engine.handle for engine in self.engines if not engine.drained]
+        return [s.handle for s in self.engines if not self.stragglers.drained(s.index)]
+
+    def versions(self) -> list[int]:
+        """The policy version each engine holds, by index."""
+        return [slot.handle.weight_version for slot in self.engines]
 
     @property
     def weight_version(self) -> int:
-        return min(engine.handle.weight_version for engine in self.engines)
+        return min(self.versions())
 
     def _new_actor(self, index: int) -> Any:
         rollout = self.rollout
@@ -146,17 +157,17 @@ class EngineFleet:
             return ["--threads", str(self.rollout.engine_threads)]
         return list(self.rollout.sglang_args)
 
-    async def _start(self, index: int) -> Engine:
+    async def _start(self, index: int) -> EngineSlot:
         actor = self._new_actor(index)
         url = await actor.start.remote()
-        name = f"{self.tag}-engine-{index}"
-        return Engine(index, actor, EngineHandle(SGLangEngine(url), self.tokenizer, name, 0))
+        handle = EngineHandle(SGLangClient(url), self.tokenizer, f"{self.tag}-engine-{index}", 0)
+        return EngineSlot(index, actor, handle, url)
 
     async def load(self, model_path: Path, version: int) -> None:
         """Pause, load, continue: every engine moves to ``version`` before generating again."""
         self.current = (model_path, version)
-        stale = [e for e in self.engines if e.handle.weight_version < version]
-        await asyncio.gather(*(self.run(e.handle, self._sync) for e in stale))
+        behind = [self.engines[i] for i in engines_behind(version, self.versions())]
+        await asyncio.gather(*(self.run(slot.handle, self._sync) for slot in behind))
         log.info("engines now at policy version %d", version)
 
     async def _sync(self, handle: EngineHandle) -> None:
@@ -179,53 +190,53 @@ class EngineFleet:
                 if attempt == attempts:
                     raise
                 log.warning("%s died (%s: %s); recovering it", handle.name, type(exc).__name__, exc)
-                await self.recover(self._engine(handle))
+                await self.recover(self._slot(handle))
         raise AssertionError("unreachable")
 
-    def _engine(self, handle: EngineHandle) -> Engine:
-        return next(e for e in self.engines if e.handle is handle)
+    def _slot(self, handle: EngineHandle) -> EngineSlot:
+        return next(slot for slot in self.engines if slot.handle is handle)
 
-    async def recover(self, engine: Engine) -> None:
+    async def recover(self, slot: EngineSlot) -> None:
         """Start the engine's server again, or replace its actor; then re-sync its weights."""
-        handle = engine.handle
+        handle = slot.handle
         handle.weight_version = 0  # a fresh server holds the base model
         await handle.client.aclose()
         try:
-            url = await engine.actor.restart.remote()
+            slot.url = await slot.actor.restart.remote()
             log.info("%s: server restarted", handle.name)
         except (ray.exceptions.RayActorError, ServerStartError) as exc:
             log.warning("%s: actor lost (%s); starting a replacement", handle.name, exc)
-            ray.kill(engine.actor, no_restart=True)
-            engine.actor = self._new_actor(engine.index)
-            url = await engine.actor.start.remote()
+            ray.kill(slot.actor, no_restart=True)
+            slot.actor = self._new_actor(slot.index)
+            slot.url = await slot.actor.start.remote()
             self.replaced += 1
-        handle.client = SGLangEngine(url)
+        handle.client = SGLangClient(slot.url)
         await self._sync(handle)
         log.info("%s back at policy version %d", handle.name, handle.weight_version)
 
     async def check_stragglers(self) -> None:
         """After a round of work: flag, drain and restart engines far under the median."""
-        for engine in self.engines:
-            tokens, seconds = engine.handle.tokens, engine.handle.seconds
-            done = (tokens - engine.counted[0], seconds - engine.counted[1])
-            engine.counted = (tokens, seconds)
-            if done[0] > 0 and done[1] > 0:
-                engine.rate = done[0] / done[1]
-        rates = [e.rate for e in self.engines if not e.drained and e.rate is not None]
-        if len(rates) < 2:
-            return
-        median = statistics.median(rates)
-        for engine in self.engines:
-            if engine.drained or engine.rate is None:
-                continue
-            slow = engine.rate < self.rollout.straggler_fraction * median
-            engine.slow_rounds = engine.slow_rounds + 1 if slow else 0
-            if engine.slow_rounds >= self.rollout.straggler_patience:
-                await self._straggler(engine, median)
+        totals = [Throughput(s.handle.tokens, s.handle.seconds) for s in self.engines]
+        for straggler in self.stragglers.after_round(totals):
+            slot = self.engines[straggler.index]
+            log.warning(
+                "%s is a straggler: %.0f tokens/s against a fleet median of %.0f; %s",
+                slot.handle.name,
+                straggler.rate,
+                straggler.median,
+                straggler.action,
+            )
+            if self.on_straggler is not None:
+                await self.on_straggler(
+                    slot.handle, straggler.rate, straggler.median, straggler.action
+                )
+            if straggler.restart:
+                await self.recover(slot)
+                self.stragglers.restarted(slot.index)
 
     def urls(self) -> dict[str, str]:
         """Engine name -> base URL of its server (drained stragglers excluded)."""
-        return {e.handle.name: e.handle.client.base_url for e in self.engines if not e.drained}
+        return {s.handle.name: s.url for s in self.engines if not self.stragglers.drained(s.index)}
 
     async def refresh_versions(self) -> None:
         """Ask each engine which weights it holds (the trainer may have broadcast new ones)."""
@@ -236,40 +247,18 @@ class EngineFleet:
                     handle.weight_version, await handle.client.weight_version()
                 )
 
-        await asyncio.gather(*(ask(e.handle) for e in self.engines))
+        await asyncio.gather(*(ask(slot.handle) for slot in self.engines))
 
     def engine_health(self) -> list[tuple[str, float | None, bool]]:
         """(name, tokens/s of its last round, drained) per engine, for the metrics."""
-        return [(e.handle.name, e.rate, e.drained) for e in self.engines]
-
-    async def _straggler(self, engine: Engine, median: float) -> None:
-        handle, rate = engine.handle, engine.rate or 0.0
-        engine.drained, engine.slow_rounds, engine.rate = True, 0, None
-        if engine.restarts >= self.rollout.straggler_restarts:
-            action = "stays drained"
-        else:
-            action = "drained and restarted"
-        log.warning(
-            "%s is a straggler: %.0f tokens/s against a fleet median of %.0f; %s",
-            handle.name,
-            rate,
-            median,
-            action,
-        )
-        engine.flags.append(action)
-        if self.on_straggler is not None:
-            await self.on_straggler(handle, rate, median, action)
-        if action == "stays drained":
-            return
-        engine.restarts += 1
-        await self.recover(engine)
-        engine.drained = False
+        paces = self.stragglers.paces
+        return [(s.handle.name, paces[s.index].rate, paces[s.index].drained) for s in self.engines]
 
     async def shutdown(self) -> None:
-        for engine in self.engines:
-            await engine.handle.client.aclose()
+        for slot in self.engines:
+            await slot.handle.client.aclose()
             with contextlib.suppress(ray.exceptions.RayActorError, TimeoutError):
-                await asyncio.wait_for(engine.actor.stop.remote(), timeout=20)
-            ray.kill(engine.actor)
+                await asyncio.wait_for(slot.actor.stop.remote(), timeout=20)
+            ray.kill(slot.actor)
         if self.placement is not None:
             remove_placement_group(self.placement)

@@ -1,4 +1,4 @@
-"""The trainer's Ray actor: a training backend, built inside the worker from the recipe path.
+"""The trainer's Ray actor: a ``TrainerBackend``, built inside the worker from the recipe path.
 
 The actor loads the recipe itself (for an ``@miles.update`` function) instead of receiving the
 function pickled from the service, so a recipe needs no importable module name.
@@ -11,20 +11,12 @@ a call that reached the new actor would train (or save) the wrong weights withou
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from miles.config import MilesConfig
 from miles.events import TrainSample
-from miles.recipe import load_recipe
-from miles.trainer.torch_backend import STATE_FILE as TORCH_STATE_FILE
-from miles.trainer.torch_backend import TorchTrainer
-from miles.weights.push import (
-    Broadcast,
-    SharedTensors,
-    Transport,
-    WeightPush,
-    unique_tensors,
-)
+from miles.recipe import Recipe, load_recipe
+from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
+from miles.weights.push import Broadcast, SharedTensors, Transport, WeightPush, unique_tensors
 
 
 class StaleWeights(RuntimeError):
@@ -35,42 +27,9 @@ class TrainerActor:
     def __init__(self, recipe_path: str, config_json: str) -> None:
         self.step = 0  # the step whose weights the backend holds
         config = MilesConfig.model_validate_json(config_json)
-        recipe = load_recipe(recipe_path)
-        assert config.model.path is not None, "model.path is required"
-        trainer = config.trainer
+        self.backend = build_backend(config, load_recipe(recipe_path))
         self.rollout = config.rollout
         self.pusher: WeightPush | None = None
-        self.backend: Any
-        if trainer.backend == "megatron":  # imported here: megatron-core is an optional extra
-            from miles.trainer.megatron.checkpoint import STATE_FILE as MEGATRON_STATE_FILE
-            from miles.trainer.megatron.model import MegatronLayout
-            from miles.trainer.megatron.ray_group import MegatronRayGroup
-
-            if recipe.update is not None:
-                raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
-            layout = MegatronLayout(
-                trainer.tensor_parallel, trainer.pipeline_parallel, trainer.data_parallel
-            )
-            # The ranks are actors of their own in a placement group; this actor only drives
-            # them, so trainer.num_cpus is shared out among the ranks.
-            self.backend = MegatronRayGroup(
-                str(config.model.path),
-                trainer,
-                config.grpo_resolved(),
-                config.run.seed,
-                layout,
-                cpus_per_rank=trainer.num_cpus / layout.world_size,
-            )
-            self.state_file = MEGATRON_STATE_FILE
-        else:
-            self.backend = TorchTrainer(
-                str(config.model.path),
-                trainer,
-                config.grpo_resolved(),
-                config.run.seed,
-                recipe.update,
-            )
-            self.state_file = TORCH_STATE_FILE
 
     def _at(self, step: int) -> None:
         if step != self.step:
@@ -79,34 +38,33 @@ class TrainerActor:
                 f"{step}: the actor was restarted"
             )
 
-    def train_step(self, samples: list[TrainSample], at_step: int) -> dict[str, Any]:
+    def train_step(self, samples: list[TrainSample], at_step: int) -> StepMetrics:
         """One step from ``at_step``; ``cpu_seconds`` is this worker's CPU time for it (all
         threads), for the service's CPU-per-phase metrics: the work runs here, not there."""
         self._at(at_step)
         cpu = time.process_time()
         metrics = self.backend.train_step(samples)
         self.step += 1
-        return {**metrics, "cpu_seconds": time.process_time() - cpu}
+        return metrics.with_cpu_seconds(time.process_time() - cpu)
 
     def push_weights(self, urls: list[str], version: int) -> list[str]:
         """Push the weights of step ``version`` into the engines at ``urls``
         (rollout.weight_sync = "distributed" or "tensor"); returns the urls that hold them."""
         self._at(version)
-        if not isinstance(self.backend, TorchTrainer):
-            raise NotImplementedError("pushing weights into engines needs trainer.backend='torch'")
+        named = unique_tensors(self.backend.named_tensors())
         if self.pusher is None:
             transport: Transport
             if self.rollout.weight_sync == "tensor":
                 transport = SharedTensors(self.rollout.engine_tp)
             else:  # NCCL when the weights live on a GPU, else gloo
-                transport = Broadcast("nccl" if self.backend.device.type == "cuda" else "gloo")
+                on_gpu = any(tensor.is_cuda for tensor in named.values())
+                transport = Broadcast("nccl" if on_gpu else "gloo")
             self.pusher = WeightPush(transport)
-        named = unique_tensors(self.backend.model.state_dict())
         return self.pusher.send(urls, named, version)
 
     def state_file_name(self) -> str:
         """The file of a full-state directory whose sha256 ``save_state`` returns."""
-        return self.state_file
+        return self.backend.state_file
 
     def save_weights(self, directory: str, at_step: int) -> str:
         self._at(at_step)
@@ -130,3 +88,32 @@ class TrainerActor:
 
     def set_rng_state(self, encoded: str) -> None:
         self.backend.set_rng_state(encoded)
+
+
+def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
+    """The backend ``trainer.backend`` names, with the recipe's ``@miles.update`` if any."""
+    assert config.model.path is not None, "model.path is required"
+    trainer = config.trainer
+    if trainer.backend == "torch":
+        return TorchTrainer(
+            str(config.model.path), trainer, config.grpo_resolved(), config.run.seed, recipe.update
+        )
+    if recipe.update is not None:
+        raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
+    # Imported here: megatron-core is an optional extra.
+    from miles.trainer.megatron.model import MegatronLayout
+    from miles.trainer.megatron.ray_group import MegatronRayGroup
+
+    layout = MegatronLayout(
+        trainer.tensor_parallel, trainer.pipeline_parallel, trainer.data_parallel
+    )
+    # The ranks are actors of their own in a placement group; this actor only drives them, so
+    # trainer.num_cpus is shared out among the ranks.
+    return MegatronRayGroup(
+        str(config.model.path),
+        trainer,
+        config.grpo_resolved(),
+        config.run.seed,
+        layout,
+        cpus_per_rank=trainer.num_cpus / layout.world_size,
+    )

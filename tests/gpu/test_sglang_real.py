@@ -1,4 +1,4 @@
-"""``SGLangEngine`` against a real ``sglang.launch_server`` (GPU only; skipped elsewhere).
+"""``SGLangClient`` against a real ``sglang.launch_server`` (GPU only; skipped elsewhere).
 
 Needs the ``sglang`` package, a CUDA GPU and a small Hugging Face model already on disk, named by
 ``MILES_SGLANG_MODEL`` (nothing is downloaded). ``MILES_SGLANG_ARGS`` adds server arguments
@@ -21,7 +21,7 @@ import torch
 
 from miles.engine.protocol import GenerateRequest, SamplingParams
 from miles.engine.sglang_client import (
-    SGLangEngine,
+    SGLangClient,
     SGLangHTTPError,
     broadcast_weights,
     join_weight_update_group,
@@ -53,8 +53,8 @@ def server() -> Iterator[SGLangServerProcess]:
 
 
 @pytest.fixture
-async def engine(server: SGLangServerProcess) -> AsyncIterator[SGLangEngine]:
-    async with SGLangEngine(server.base_url) as client:
+async def engine(server: SGLangServerProcess) -> AsyncIterator[SGLangClient]:
+    async with SGLangClient(server.base_url) as client:
         yield client
 
 
@@ -62,7 +62,7 @@ def request(rid: str, **params: object) -> GenerateRequest:
     return GenerateRequest(rid=rid, input_ids=PROMPT, sampling_params=SamplingParams(**params))
 
 
-async def test_generate_returns_tokens_logprobs_and_version(engine: SGLangEngine) -> None:
+async def test_generate_returns_tokens_logprobs_and_version(engine: SGLangClient) -> None:
     requests = [
         request("greedy", max_new_tokens=8, temperature=0.0),
         request("sampled", max_new_tokens=8, sampling_seed=7),
@@ -79,7 +79,7 @@ async def test_generate_returns_tokens_logprobs_and_version(engine: SGLangEngine
     assert again.output_ids == outputs[0].output_ids
 
 
-async def test_pause_holds_requests_until_continue(engine: SGLangEngine) -> None:
+async def test_pause_holds_requests_until_continue(engine: SGLangClient) -> None:
     await engine.pause_generation(mode="in_place")
     try:
         pending = asyncio.ensure_future(engine.generate([request("held", max_new_tokens=4)]))
@@ -91,7 +91,7 @@ async def test_pause_holds_requests_until_continue(engine: SGLangEngine) -> None
     assert held.finish_reason in ("stop", "length")
 
 
-async def test_update_weights_from_disk_sets_the_version(engine: SGLangEngine) -> None:
+async def test_update_weights_from_disk_sets_the_version(engine: SGLangClient) -> None:
     version = await engine.weight_version() + 1
     await engine.update_weights_from_disk(os.environ["MILES_SGLANG_MODEL"], version)
     assert await engine.weight_version() == version
@@ -101,14 +101,14 @@ async def test_update_weights_from_disk_sets_the_version(engine: SGLangEngine) -
     assert await engine.health()
 
 
-async def test_bad_request_is_a_clear_error(engine: SGLangEngine) -> None:
+async def test_bad_request_is_a_clear_error(engine: SGLangClient) -> None:
     with pytest.raises(SGLangHTTPError, match="HTTP 400"):
         await engine.update_weights_from_disk("/no/such/model", 99)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the trainer's rank needs a 2nd GPU")
 async def test_nccl_broadcast_reaches_the_server(
-    engine: SGLangEngine, server: SGLangServerProcess
+    engine: SGLangClient, server: SGLangServerProcess
 ) -> None:
     """This process is the trainer (rank 0, on cuda:1); the server joins as rank 1."""
     config = Path(os.environ["MILES_SGLANG_MODEL"], "config.json")
@@ -126,7 +126,7 @@ async def test_nccl_broadcast_reaches_the_server(
 
 
 async def test_cuda_ipc_handles_reach_the_server(
-    engine: SGLangEngine, server: SGLangServerProcess
+    engine: SGLangClient, server: SGLangServerProcess
 ) -> None:
     """The colocated path: this process holds a tensor on the server's GPU (cuda:0) and sends
     only its CUDA IPC handle; the server maps it and loads it."""

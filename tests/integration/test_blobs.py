@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from miles.runtime import embedded
-from miles.runtime.bus import connect_nats
+from miles.runtime.bus import NatsBus, connect_nats
 from miles.weights.blobs import (
     WEIGHTS_FILE,
     ChecksumMismatch,
@@ -45,15 +45,14 @@ async def test_object_store_streams_a_multi_chunk_blob(
     try:
         source = weights_dir(tmp_path / "staging", 3 << 20)  # several 128 KiB chunks
         sha = sha256_file(source / WEIGHTS_FILE)
-        store = ObjectBlobStore(nc.jetstream(), "miles_test_blobs", tmp_path / "cache")
+        bus = NatsBus(nc, "blobs", "blob-test", 8 << 20)
+        store = ObjectBlobStore(bus, "miles_test_blobs", tmp_path / "cache")
         uri = await store.put_dir(source, "weights/v1")
         assert uri == "nats-os://miles_test_blobs/weights/v1"
         fetched = await store.get_dir(uri, sha)
         assert sha256_file(fetched / WEIGHTS_FILE) == sha
         assert (fetched / "config.json").exists()
         with pytest.raises(ChecksumMismatch):
-            await ObjectBlobStore(nc.jetstream(), "miles_test_blobs", tmp_path / "c2").get_dir(
-                uri, "0" * 64
-            )
+            await ObjectBlobStore(bus, "miles_test_blobs", tmp_path / "c2").get_dir(uri, "0" * 64)
     finally:
         await nc.close()

@@ -1,4 +1,5 @@
-"""The bus against a real nats-server: topology, dedupe, and dead-lettering of every bad input."""
+"""NatsBus against a real nats-server, beyond the contract (tests/contract/test_bus.py, which runs
+against it too): the topology as JetStream holds it, and dead letters counted in the run record."""
 
 import asyncio
 import pickle
@@ -12,7 +13,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from miles import events
 from miles.runtime import embedded
-from miles.runtime.bus import Bus, DeadLetter, connect_nats, topology
+from miles.runtime.bus import DeadLetter, NatsBus, connect_nats, topology
 from miles.runtime.store import RunStore
 
 pytestmark = pytest.mark.integration
@@ -21,21 +22,21 @@ MAX_PAYLOAD = 8 * 1024 * 1024  # the config default, and the embedded server's m
 
 
 @pytest.fixture
-async def bus(nats_server: embedded.Server) -> AsyncIterator[Bus]:
+async def bus(nats_server: embedded.Server) -> AsyncIterator[NatsBus]:
     nc = await connect_nats(nats_server.url, 5, name="test-bus")
-    bus = Bus(nc, f"run-{uuid.uuid4().hex[:8]}", "probe", MAX_PAYLOAD)
+    bus = NatsBus(nc, f"run-{uuid.uuid4().hex[:8]}", "probe", MAX_PAYLOAD)
     await bus.ensure_topology()
     yield bus
     await nc.close()
 
 
-def _task(bus: Bus, task_id: str = "t0", **fields: object) -> events.Task:
+def _task(bus: NatsBus, task_id: str = "t0", **fields: object) -> events.Task:
     return events.Task(
         run_id=bus.run_id, policy_version=0, task_id=task_id, prompt="1+1=", **fields
     )
 
 
-async def test_ensure_topology_is_idempotent(bus: Bus) -> None:
+async def test_ensure_topology_is_idempotent(bus: NatsBus) -> None:
     streams, consumers = topology(bus.subjects)
 
     async def snapshot() -> dict[str, object]:
@@ -56,23 +57,6 @@ async def test_ensure_topology_is_idempotent(bus: Bus) -> None:
     assert before["rollout"] == (bus.ack_wait, 1024)
 
 
-async def test_same_msg_id_is_stored_once(bus: Bus) -> None:
-    stream = bus.subjects.stream("tasks")
-    await bus.publish(bus.subjects.tasks, _task(bus, "t0"), msg_id="t0")
-    await bus.publish(bus.subjects.tasks, _task(bus, "t0"), msg_id="t0")  # a retried publish
-    await bus.publish(bus.subjects.tasks, _task(bus, "t1"), msg_id="t1")
-    assert (await bus.js.stream_info(stream)).state.messages == 2
-
-
-async def test_oversized_publish_is_refused(bus: Bus) -> None:
-    task = events.Task(
-        run_id=bus.run_id, policy_version=0, task_id="big", prompt="x" * (MAX_PAYLOAD + 1)
-    )
-    with pytest.raises(ValueError, match=r"Task is \d+ bytes, over max_payload"):
-        await bus.publish(bus.subjects.tasks, task, msg_id="big")
-    assert (await bus.js.stream_info(bus.subjects.stream("tasks"))).state.messages == 0
-
-
 class _CreatesFile:
     """A pickle that creates ``path`` when (and only when) it is unpickled."""
 
@@ -84,7 +68,7 @@ class _CreatesFile:
 
 
 async def test_bad_inputs_are_dead_lettered_acked_and_counted(
-    bus: Bus, redis_server: embedded.Server, tmp_path: Path
+    bus: NatsBus, redis_server: embedded.Server, tmp_path: Path
 ) -> None:
     from miles.runtime.store import connect_redis
 

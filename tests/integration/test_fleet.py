@@ -124,7 +124,7 @@ async def test_a_slow_engine_is_flagged_drained_and_restarted(
             ("t-engine-1", "stays drained"),
         ]
         assert [e.name for e in fleet.active] == ["t-engine-0"]
-        assert fleet.engines[1].restarts == 1
+        assert fleet.stragglers.paces[1].restarts == 1
         assert fleet.engines[1].handle.weight_version == 3  # re-synced after its restart
     finally:
         await fleet.shutdown()

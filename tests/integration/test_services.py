@@ -24,7 +24,7 @@ from miles import events
 from miles.config import MilesConfig, load_config
 from miles.recipe import Recipe, load_recipe
 from miles.runtime import embedded
-from miles.runtime.bus import Bus, connect_nats
+from miles.runtime.bus import NatsBus, connect_nats
 from miles.runtime.checkpoint import Manifest, Manifests
 from miles.runtime.service import ServiceContext, run_service
 from miles.runtime.store import RunStore, connect_redis
@@ -68,7 +68,7 @@ class Harness:
     """One run: the test's own bus and store, and the services it runs as `miles serve` would."""
 
     def __init__(
-        self, config: MilesConfig, recipe: Recipe, run_dir: Path, bus: Bus, store: RunStore
+        self, config: MilesConfig, recipe: Recipe, run_dir: Path, bus: NatsBus, store: RunStore
     ) -> None:
         self.config, self.recipe, self.run_dir = config, recipe, run_dir
         self.bus, self.store = bus, store
@@ -81,7 +81,7 @@ class Harness:
         run_id = f"t{uuid.uuid4().hex[:10]}"
         assert config.infra.nats_url and config.infra.redis_url
         nc = await connect_nats(config.infra.nats_url, 5, name="test")
-        bus = Bus(nc, run_id, "test", config.infra.max_payload_bytes)
+        bus = NatsBus(nc, run_id, "test", config.infra.max_payload_bytes)
         await bus.ensure_topology()  # the coordinator's job; services wait for it otherwise
         store = RunStore(await connect_redis(config.infra.redis_url, 5), run_id)
         await store.create_run(config.hash(), config.model_dump_json())
@@ -495,7 +495,7 @@ async def test_an_evaluation_missing_results_is_recorded_partial_not_awaited_for
 
         await h.wait_for(recorded, timeout=15)
         [row] = await h.store.evals()
-        assert (row["round"], row["n"], row["expected"], row["accuracy"]) == (0, 1, 2, 1.0)
+        assert (row.round, row.n, row.expected, row.accuracy) == (0, 1, 2, 1.0)
     finally:
         await h.close()
 

@@ -1,4 +1,4 @@
-"""``SGLangEngine`` against the CPU SGLang stand-in, a real server process on a loopback port.
+"""``SGLangClient`` against the CPU SGLang stand-in, a real server process on a loopback port.
 
 The server is started by ``SGLangServerProcess`` (so the launcher is exercised too) and decodes
 request bodies strictly, so every call here also checks that the client sends only fields
@@ -28,8 +28,8 @@ from transformers import AutoTokenizer
 
 from miles.engine.protocol import GenerateRequest, SamplingParams
 from miles.engine.sglang_client import (
+    SGLangClient,
     SGLangConnectionError,
-    SGLangEngine,
     SGLangHTTPError,
     broadcast_weights,
     join_weight_update_group,
@@ -54,8 +54,8 @@ def server(tiny_model: Path) -> Iterator[SGLangServerProcess]:
 
 
 @pytest.fixture
-async def engine(server: SGLangServerProcess) -> AsyncIterator[SGLangEngine]:
-    async with SGLangEngine(server.base_url, timeout_seconds=60) as client:
+async def engine(server: SGLangServerProcess) -> AsyncIterator[SGLangClient]:
+    async with SGLangClient(server.base_url, timeout_seconds=60) as client:
         yield client
 
 
@@ -69,13 +69,13 @@ def request(rid: str, input_ids: list[int], **params: object) -> GenerateRequest
     return GenerateRequest(rid=rid, input_ids=input_ids, sampling_params=SamplingParams(**params))
 
 
-async def restore(engine: SGLangEngine, tiny_model: Path) -> None:
+async def restore(engine: SGLangClient, tiny_model: Path) -> None:
     """Back to the original weights, under a new version: versions only grow."""
     await engine.update_weights_from_disk(str(tiny_model), await engine.weight_version() + 1)
 
 
 async def test_generate_over_http_equals_the_engine_in_process(
-    engine: SGLangEngine, tiny_model: Path, encode
+    engine: SGLangClient, tiny_model: Path, encode
 ) -> None:
     requests = [
         request("sampled", encode("12+34="), max_new_tokens=6, sampling_seed=3),
@@ -106,7 +106,7 @@ async def test_generate_over_http_equals_the_engine_in_process(
 
 
 async def test_seed_reproduces_tokens_and_stop_string_ends_them(
-    engine: SGLangEngine, encode
+    engine: SGLangClient, encode
 ) -> None:
     prompt = encode("3+4=")
     draws = await engine.generate(
@@ -129,7 +129,7 @@ async def test_seed_reproduces_tokens_and_stop_string_ends_them(
     assert stopped.output_ids == first.output_ids[: len(stopped.output_ids)]
 
 
-async def test_pause_holds_new_requests_until_continue(engine: SGLangEngine, encode) -> None:
+async def test_pause_holds_new_requests_until_continue(engine: SGLangClient, encode) -> None:
     await engine.pause_generation()
     try:
         pending = asyncio.ensure_future(
@@ -144,7 +144,7 @@ async def test_pause_holds_new_requests_until_continue(engine: SGLangEngine, enc
     assert held.finish_reason in ("stop", "length")
 
 
-async def test_abort_answers_a_waiting_request_as_aborted(engine: SGLangEngine, encode) -> None:
+async def test_abort_answers_a_waiting_request_as_aborted(engine: SGLangClient, encode) -> None:
     await engine.pause_generation(mode="in_place")
     try:
         pending = asyncio.ensure_future(
@@ -159,7 +159,7 @@ async def test_abort_answers_a_waiting_request_as_aborted(engine: SGLangEngine, 
 
 
 async def test_update_weights_from_disk_changes_outputs_and_version(
-    engine: SGLangEngine, tiny_model: Path, encode, tmp_path: Path
+    engine: SGLangClient, tiny_model: Path, encode, tmp_path: Path
 ) -> None:
     greedy = [request("greedy", encode("45+67="), max_new_tokens=5, temperature=0.0)]
     (before,) = await engine.generate(greedy)
@@ -181,13 +181,13 @@ async def test_update_weights_from_disk_changes_outputs_and_version(
     assert restored.output_token_logprobs == pytest.approx(before.output_token_logprobs)
 
 
-async def test_flush_cache_and_health(engine: SGLangEngine) -> None:
+async def test_flush_cache_and_health(engine: SGLangClient) -> None:
     await engine.flush_cache()
     assert await engine.health()
 
 
 async def test_bad_requests_get_clear_errors(
-    engine: SGLangEngine, server: SGLangServerProcess, tmp_path: Path
+    engine: SGLangClient, server: SGLangServerProcess, tmp_path: Path
 ) -> None:
     with pytest.raises(SGLangHTTPError, match=r"HTTP 400.*outside the vocabulary") as error:
         await engine.generate([request("bad", [1, 10_000])])
@@ -198,7 +198,7 @@ async def test_bad_requests_get_clear_errors(
         answer = await session.post(server.base_url + "/generate", json={"text": "1+1="})
         assert answer.status == 400
         assert "unknown field `text`" in (await answer.json())["error"]["message"]
-    closed = SGLangEngine(f"http://127.0.0.1:{free_port()}", retries=2, backoff_seconds=0.01)
+    closed = SGLangClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff_seconds=0.01)
     async with closed:
         with pytest.raises(SGLangConnectionError, match="after 3 attempt"):
             await closed.weight_version()
@@ -206,7 +206,7 @@ async def test_bad_requests_get_clear_errors(
 
 
 async def test_weights_broadcast_over_a_gloo_group_reach_the_server(
-    engine: SGLangEngine, server: SGLangServerProcess, tiny_model: Path
+    engine: SGLangClient, server: SGLangServerProcess, tiny_model: Path
 ) -> None:
     """The trainer's side (this process, rank 0) against the server (rank 1), as with SGLang."""
     group_name = "test-sync"
@@ -227,7 +227,7 @@ async def test_weights_broadcast_over_a_gloo_group_reach_the_server(
 
 
 async def test_weights_by_shared_memory_handle_reach_the_server(
-    engine: SGLangEngine, server: SGLangServerProcess, tiny_model: Path, tmp_path: Path
+    engine: SGLangClient, server: SGLangServerProcess, tiny_model: Path, tmp_path: Path
 ) -> None:
     """`/update_weights_from_tensor` as a colocated trainer calls it: handles to this process's
     memory (CUDA IPC on GPUs), which the server maps, checks and copies into its model."""

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from miles.algo.batching import batch_id, filter_reason, make_batch
+from miles.algo.batching import BAD_INPUT, FILTER_REASONS, batch_id, filter_reason, make_batch
 from miles.config import BufferConfig, GRPOConfig
 from miles.events import Sample, ScoredGroup
 
@@ -63,6 +63,12 @@ def test_filter_reason(
     group: ScoredGroup, trainer_version: int, buffer: BufferConfig, reason: str | None
 ) -> None:
     assert filter_reason(group, trainer_version, buffer) == reason
+    assert reason is None or reason in FILTER_REASONS  # every reason is exported from the start
+
+
+def test_bad_input_is_a_filter_reason_too() -> None:
+    # a broken producer's group is dead-lettered *and* filtered, so the coordinator replaces it
+    assert set(FILTER_REASONS) >= BAD_INPUT == {"non_finite_reward", "future_version"}
 
 
 def test_make_batch_advantages_by_hand() -> None:

@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
+from contract.record_harness import manifest
 
+from miles import events
 from miles.cli import report
 from miles.cli.main import main
+from miles.runtime.run_record import EvalResult, RunRecord
+from miles.runtime.run_view import RunView
 from miles.telemetry.record import reward_histogram
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -56,33 +61,47 @@ def write_run(run_dir: Path, steps: int = 5) -> None:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     beats = [
-        {
-            "service": "trainer",
-            "instance": "t",
-            "time": 1012.0,
-            "metrics": {
+        beat(
+            "trainer",
+            "t",
+            {
                 'miles_bleed_ratio{side="trainer_waiting_for_data"}': 0.6,
                 'miles_phase_seconds_total{phase="buffer_wait"}': 5.0,
                 'miles_phase_cpu_seconds_total{phase="buffer_wait"}': 0.1,
             },
-        },
-        {
-            "service": "rollout",
-            "instance": "r",
-            "time": 1012.0,
-            "metrics": {
+        ),
+        beat(
+            "rollout",
+            "r",
+            {
                 'miles_bleed_ratio{side="rollout_waiting_for_weights"}': 0.3,
                 'miles_phase_seconds_total{phase="rollout"}': 4.0,
                 'miles_samples_generated_total{engine="e0"}': 40.0,
             },
-        },
+        ),
     ]
-    (run_dir / "metrics.json").write_text(json.dumps(beats))
+    (run_dir / "metrics.json").write_bytes(msgspec.json.encode(beats))
     timeline = [
         {"time": 1000.0 + t, "step": t // 2, "bleed_ratio": {"trainer_waiting_for_data": 0.5}}
         for t in range(10)
     ]
     (run_dir / "timeline.jsonl").write_text("".join(json.dumps(p) + "\n" for p in timeline))
+
+
+def beat(service: str, instance: str, metrics: dict[str, float]) -> events.Heartbeat:
+    """An instance's last heartbeat, as ``metrics.json`` keeps it."""
+    return events.Heartbeat(
+        run_id="r",
+        policy_version=-1,
+        service=service,
+        instance=instance,
+        pid=1,
+        time=1012.0,
+        busy_seconds=1.0,
+        wait_seconds=3.0,
+        processed=1,
+        metrics=metrics,
+    )
 
 
 def test_report_from_the_run_files(tmp_path: Path) -> None:
@@ -111,8 +130,12 @@ def test_report_from_the_run_files(tmp_path: Path) -> None:
 
 def test_trainer_bleed_per_step() -> None:
     steps = [
-        {"time": 10.0, "seconds": {"wait_for_batch": 1.0, "train": 1.0}},
-        {"time": 14.0, "seconds": {"wait_for_batch": 3.0, "train": 1.0}},
+        report.StepRecord(
+            step=1, time=10.0, reward_mean=0.0, seconds={"wait_for_batch": 1.0, "train": 1.0}
+        ),
+        report.StepRecord(
+            step=2, time=14.0, reward_mean=0.0, seconds={"wait_for_batch": 3.0, "train": 1.0}
+        ),
     ]
     assert report.trainer_bleed_by_step(steps) == [0.5, 0.75]
 
@@ -128,3 +151,44 @@ def test_a_run_without_its_files_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"summary\.json"):
         report.load("nothing", None, tmp_path)
     assert main(["report", "nothing", "--output-dir", str(tmp_path)]) == 2
+
+
+def test_the_files_miles_run_saves_read_back_as_the_view_had_them(tmp_path: Path) -> None:
+    """``save_run`` writes the manifests (without their long fields) and the heartbeats as JSON;
+    ``from_dir`` reads them back into the same step records and heartbeats."""
+    steps = [manifest("r3", step, f"b-{step}") for step in (1, 2)]
+    beats = [beat("trainer", "t", {}), beat("buffer", "b", {})]
+    view = RunView(
+        exists=True,
+        record=RunRecord(run_id="r3", status="finished", started=1000.0, finished=1010.0, step=2),
+        config={},
+        steps=steps,
+        evals=[
+            EvalResult(
+                round=2,
+                after_step=2,
+                policy_versions=[2],
+                accuracy=0.5,
+                reward_mean=0.5,
+                n=2,
+                expected=2,
+                time=1010.0,
+            )
+        ],
+        services={f"{b.service}/{b.instance}": b for b in beats},
+        dead_letters={},
+        filtered={},
+    )
+    run_dir = tmp_path / "r3"
+    run_dir.mkdir()
+    report.save_run(run_dir, view)
+    (run_dir / "summary.json").write_text(json.dumps(view.summary()))
+    lines = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [list(line) for line in lines] == [
+        [k for k in msgspec.structs.asdict(m) if k not in report.STEP_FIELDS_DROPPED] for m in steps
+    ]
+    data = report.RunData.from_dir(run_dir)
+    assert data.steps == [report.StepRecord.of(m) for m in steps]
+    assert data.beats == sorted(beats, key=lambda b: b.service)
+    assert data.summary["samples_per_second"] == 0.6  # 6 samples in 10 s
+    assert data.summary["evals"] == [{"after_step": 2, "accuracy": 0.5}]

@@ -45,19 +45,18 @@ class LiveView:
         if self.live:
             self.live.update(self._table(view))
             return
-        for record in view.evals[self.last_eval :]:
+        for result in view.evals[self.last_eval :]:
             print(
-                f"eval after step {record['after_step']}: held-out accuracy "
-                f"{record['accuracy']:.3f}",
+                f"eval after step {result.after_step}: held-out accuracy {result.accuracy:.3f}",
                 flush=True,
             )
         self.last_eval = len(view.evals)
         if view.step != self.last_step:
-            for record in view.steps[self.last_step :]:
-                seconds = " ".join(f"{k}={v:.2f}s" for k, v in record["seconds"].items())
+            for manifest in view.steps[self.last_step :]:
+                seconds = " ".join(f"{k}={v:.2f}s" for k, v in manifest.seconds.items())
                 print(
-                    f"step {record['step']}/{self.steps} reward {record['reward_mean']:.3f} "
-                    f"loss {record['metrics']['loss']:+.4f} {seconds}",
+                    f"step {manifest.step}/{self.steps} reward {manifest.reward_mean:.3f} "
+                    f"loss {manifest.metrics['loss']:+.4f} {seconds}",
                     flush=True,
                 )
             headline = view.headline()  # the same values as `miles status`
@@ -86,10 +85,10 @@ class LiveView:
             table.add_column(column, justify="right")
         last = view.steps[-1] if view.steps else None
         accuracy = view.accuracy()
-        seconds = last["seconds"] if last else {}
+        seconds = last.seconds if last else {}
         table.add_row(
             f"{view.step}/{self.steps}",
-            f"{last['reward_mean']:.3f}" if last else "-",
+            f"{last.reward_mean:.3f}" if last else "-",
             f"{accuracy:.3f}" if accuracy is not None else "-",
             f"{view.samples_per_second():.1f}",
             f"{seconds.get('wait_for_batch', 0):.2f}",

@@ -27,8 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import redis
 
+from miles.events import Heartbeat
+from miles.runtime.checkpoint import Manifest
 from miles.runtime.run_view import RunView
 from miles.telemetry.readout import Readout
 
@@ -37,20 +40,41 @@ STEP_FIELDS_DROPPED = ("sample_ids", "rng_state")
 """Manifest fields ``steps.jsonl`` leaves out: long, and no plot needs them."""
 
 
+class StepRecord(msgspec.Struct, kw_only=True):
+    """One committed step as the plots read it: from its manifest, or a line of ``steps.jsonl``
+    (the manifest without ``STEP_FIELDS_DROPPED``)."""
+
+    step: int
+    time: float
+    reward_mean: float
+    seconds: dict[str, float]
+    reward_histogram: dict[str, int] = {}
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> StepRecord:
+        return cls(
+            step=manifest.step,
+            time=manifest.time,
+            reward_mean=manifest.reward_mean,
+            seconds=manifest.seconds,
+            reward_histogram=manifest.reward_histogram,
+        )
+
+
 @dataclass
 class RunData:
     run_id: str
     summary: dict[str, Any]
-    steps: list[dict[str, Any]]
-    beats: list[dict[str, Any]]
+    steps: list[StepRecord]
+    beats: list[Heartbeat]
     timeline: list[dict[str, Any]]
 
     @classmethod
     def from_view(cls, view: RunView, timeline: list[dict[str, Any]]) -> RunData:
         return cls(
-            str(view.run.get("run_id")),
+            view.record.run_id,
             view.summary(),
-            [_step_record(step) for step in view.steps],
+            [StepRecord.of(manifest) for manifest in view.steps],
             list(view.services.values()),
             timeline,
         )
@@ -64,14 +88,18 @@ class RunData:
                 "still going, point --redis-url (or REDIS_URL) at its Redis"
             )
         steps_path, beats_path = run_dir / "steps.jsonl", run_dir / "metrics.json"
-        steps = [json.loads(line) for line in steps_path.read_text().splitlines() if line]
-        beats = json.loads(beats_path.read_text()) if beats_path.exists() else []
+        lines = steps_path.read_bytes().splitlines()
+        steps = [msgspec.json.decode(line, type=StepRecord) for line in lines if line]
+        beats = _BEATS.decode(beats_path.read_bytes()) if beats_path.exists() else []
         summary = json.loads(summary_path.read_text())
         return cls(run_dir.name, summary, steps, beats, _timeline(run_dir))
 
     @property
     def metrics(self) -> Readout:
-        return Readout(self.beats)
+        return Readout(msgspec.to_builtins(beat) for beat in self.beats)
+
+
+_BEATS = msgspec.json.Decoder(list[Heartbeat])
 
 
 def load(run: str, redis_url: str | None, output_dir: Path) -> tuple[RunData, Path]:
@@ -94,10 +122,10 @@ def load(run: str, redis_url: str | None, output_dir: Path) -> tuple[RunData, Pa
 
 def save_run(run_dir: Path, view: RunView) -> None:
     """Write ``steps.jsonl`` and ``metrics.json`` (`miles run` calls this at the end)."""
-    lines = [json.dumps(_step_record(step)) for step in view.steps]
+    lines = [json.dumps(_step_record(manifest)) for manifest in view.steps]
     (run_dir / "steps.jsonl").write_text("".join(line + "\n" for line in lines))
-    beats = sorted(view.services.values(), key=lambda beat: (beat["service"], beat["time"]))
-    (run_dir / "metrics.json").write_text(json.dumps(beats, indent=1))
+    beats = sorted(view.services.values(), key=lambda beat: (beat.service, beat.time))
+    (run_dir / "metrics.json").write_text(json.dumps(msgspec.to_builtins(beats), indent=1))
 
 
 def append_timeline(path: Path, view: RunView) -> None:
@@ -117,8 +145,9 @@ def _timeline(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def _step_record(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in manifest.items() if k not in STEP_FIELDS_DROPPED}
+def _step_record(manifest: Manifest) -> dict[str, Any]:
+    fields: dict[str, Any] = msgspec.to_builtins(manifest)
+    return {k: v for k, v in fields.items() if k not in STEP_FIELDS_DROPPED}
 
 
 # --- the pictures ---------------------------------------------------------------------------
@@ -158,8 +187,8 @@ def _save(figure: Any, path: Path) -> Path:
 def _plot_reward(data: RunData, path: Path) -> Path:
     figure, axes = _figure(2, 1, (9, 6.5))
     mean_axis, share_axis = axes[0][0], axes[1][0]
-    steps = [step["step"] for step in data.steps]
-    mean_axis.plot(steps, [step["reward_mean"] for step in data.steps], marker="o", ms=3)
+    steps = [step.step for step in data.steps]
+    mean_axis.plot(steps, [step.reward_mean for step in data.steps], marker="o", ms=3)
     mean_axis.set(title="reward mean per step (trained samples)", xlabel="step", ylabel="reward")
     mean_axis.grid(alpha=0.3)
     _integer_ticks(mean_axis)
@@ -187,14 +216,14 @@ def _plot_reward(data: RunData, path: Path) -> Path:
     return _save(figure, path)
 
 
-def _reward_buckets(steps: list[dict[str, Any]]) -> list[str]:
+def _reward_buckets(steps: list[StepRecord]) -> list[str]:
     """The buckets any step used, in order of their upper bound."""
-    used = {bucket for step in steps for bucket, n in step.get("reward_histogram", {}).items() if n}
+    used = {bucket for step in steps for bucket, n in step.reward_histogram.items() if n}
     return sorted(used, key=lambda bucket: math.inf if bucket == "+Inf" else float(bucket))
 
 
-def _share(step: dict[str, Any], bucket: str) -> float:
-    counts = step.get("reward_histogram", {})
+def _share(step: StepRecord, bucket: str) -> float:
+    counts = step.reward_histogram
     total = sum(counts.values())
     return counts.get(bucket, 0) / total if total else 0.0
 
@@ -212,11 +241,11 @@ def _plot_accuracy(data: RunData, path: Path) -> Path:
 def _plot_time(data: RunData, path: Path) -> Path:
     figure, axes = _figure(1, 2, (12, 4.5))
     per_step, per_phase = axes[0][0], axes[0][1]
-    steps = [step["step"] for step in data.steps]
-    phases = sorted({name for step in data.steps for name in step["seconds"]})
+    steps = [step.step for step in data.steps]
+    phases = sorted({name for step in data.steps for name in step.seconds})
     bottom = [0.0] * len(steps)
     for phase in phases:
-        seconds = [step["seconds"].get(phase, 0.0) for step in data.steps]
+        seconds = [step.seconds.get(phase, 0.0) for step in data.steps]
         per_step.bar(steps, seconds, bottom=bottom, label=phase)
         bottom = [b + s for b, s in zip(bottom, seconds, strict=True)]
     per_step.set(title="trainer seconds per step", xlabel="step", ylabel="seconds")
@@ -235,23 +264,23 @@ def _plot_time(data: RunData, path: Path) -> Path:
     return _save(figure, path)
 
 
-def trainer_bleed_by_step(steps: list[dict[str, Any]]) -> list[float]:
+def trainer_bleed_by_step(steps: list[StepRecord]) -> list[float]:
     """Per step: the trainer's wait for its batch over the step's wall time (commit to commit;
     the first step from its own seconds)."""
     out = []
     previous = None
     for step in steps:
-        waited = step["seconds"].get("wait_for_batch", 0.0)
-        wall = step["time"] - previous if previous else sum(step["seconds"].values())
+        waited = step.seconds.get("wait_for_batch", 0.0)
+        wall = step.time - previous if previous else sum(step.seconds.values())
         out.append(min(max(waited / wall, 0.0), 1.0) if wall > 0 else 0.0)
-        previous = step["time"]
+        previous = step.time
     return out
 
 
 def _plot_bleed(data: RunData, path: Path) -> Path:
     figure, axes = _figure(1, 3, (15, 4.5))
     over_steps, over_time, shares = axes[0]
-    steps = [step["step"] for step in data.steps]
+    steps = [step.step for step in data.steps]
     over_steps.plot(steps, trainer_bleed_by_step(data.steps), marker="o", ms=3)
     over_steps.set(
         title="trainer waiting for data, per step", xlabel="step", ylabel="ratio", ylim=(0, 1.05)

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             started_ray = True
         assert config.infra.redis_url is not None
         client = redis.Redis.from_url(config.infra.redis_url, decode_responses=True)
-        if args.resume and RunView.read(client, run_id).run.get("status") == "finished":
+        if args.resume and RunView.read(client, run_id).record.status == "finished":
             print(f"miles: run {run_id} finished already; nothing to resume", flush=True)
             return 0
         config_path = run_dir / "config.json"
@@ -286,7 +286,7 @@ class Supervisor:
                         wait_for_exit(self.children[1:], timeout=30)
                         view = RunView.read(self.client, self.run_id)
                         live.update(view)
-                        return view.run.get("status") == "finished"
+                        return view.record.status == "finished"
                     if not self.restart(child, code, live):
                         return False
                 time.sleep(0.5)

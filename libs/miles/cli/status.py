@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -13,13 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from miles.runtime.bus import Unreachable
+from miles.runtime.replies import members
 from miles.runtime.run_view import RunView
 from miles.runtime.store import RUNS_KEY
 
 
 def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
     console = Console()
-    runs: list[str] = list(client.zrange(RUNS_KEY, 0, -1))  # type: ignore[arg-type]
+    runs = members(client.zrange(RUNS_KEY, 0, -1))
     if run_id is None:
         if not runs:
             console.print("no runs recorded in this Redis")
@@ -32,12 +34,14 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(view.summary() | {"live_services": view.live_services()}, indent=2))
         return 0
-    table = Table(title=f"run {run_id} ({view.run.get('status')})", show_header=False)
+    record = view.record
+    table = Table(title=f"run {run_id} ({record.status})", show_header=False)
     accuracy = view.accuracy()
+    reward_mean = math.nan if record.reward_mean is None else record.reward_mean
     rows = {
         "step": f"{view.step} / {view.config.get('run', {}).get('steps', '?')}",
-        "policy version": view.run.get("policy_version", "0"),
-        "reward mean (last step)": f"{float(view.run.get('reward_mean', 'nan')):.3f}",
+        "policy version": record.policy_version,
+        "reward mean (last step)": f"{reward_mean:.3f}",
         "held-out accuracy": "-" if accuracy is None else f"{accuracy:.3f}",
         "samples/s": f"{view.samples_per_second():.2f}",
         "wall": f"{view.wall_seconds():.0f} s",
@@ -63,16 +67,16 @@ def print_status(client: redis.Redis, run_id: str | None, as_json: bool) -> int:
     now = time.time()
     period = float(view.config.get("coordinator", {}).get("heartbeat_seconds", 2.0))
     for name, beat in sorted(view.services.items()):
-        age = now - beat["time"]
+        age = now - beat.time
         state = "alive" if age < 3 * period else "silent"  # the coordinator's rule, too
         services.add_row(
             name,
-            state if view.run.get("status") == "running" else "stopped",
+            state if record.status == "running" else "stopped",
             f"{age:.1f} s ago",
-            f"{beat['busy_seconds']:.1f}",
-            f"{beat['wait_seconds']:.1f}",
-            str(beat["processed"]),
-            f":{beat['metrics_port']}" if beat.get("metrics_port") else "-",
+            f"{beat.busy_seconds:.1f}",
+            f"{beat.wait_seconds:.1f}",
+            str(beat.processed),
+            f":{beat.metrics_port}" if beat.metrics_port else "-",
         )
     console.print(services)
     return 0

@@ -1,5 +1,5 @@
-"""Inference engines behind one seam (SGLang-shaped)."""
+"""Inference engines behind one async seam, ``EngineClient`` (SGLang-shaped)."""
 
-from miles.engine.protocol import Engine, GenerateOutput, GenerateRequest, SamplingParams
+from miles.engine.protocol import EngineClient, GenerateOutput, GenerateRequest, SamplingParams
 
-__all__ = ["Engine", "GenerateOutput", "GenerateRequest", "SamplingParams"]
+__all__ = ["EngineClient", "GenerateOutput", "GenerateRequest", "SamplingParams"]

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from miles.config import RolloutConfig
-from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParams
+from miles.engine.protocol import EngineClient, GenerateOutput, GenerateRequest, SamplingParams
 from miles.events import Sample, Task
+
+if TYPE_CHECKING:  # transformers is slow to import, and ``import miles`` should not pay for it
+    from transformers import PreTrainedTokenizerBase
 
 
 class EngineReset(RuntimeError):
@@ -23,11 +26,19 @@ class EngineReset(RuntimeError):
 class EngineHandle:
     """One engine as a rollout function sees it: async ``generate`` plus the tokenizer.
 
-    ``client`` speaks SGLang's HTTP API to the engine's own server process. The handle counts
-    the tokens it generated and the seconds it took, the fleet's throughput signal.
+    ``client`` is the engine's ``EngineClient`` (in the rollout service, an ``SGLangClient``
+    speaking to the engine's own server process). ``weight_version`` is the version the engine
+    was given: an output under an older one means the engine restarted in between. The handle
+    counts the tokens it generated and the seconds it took, the fleet's throughput signal.
     """
 
-    def __init__(self, client: Any, tokenizer: Any, name: str, weight_version: int) -> None:
+    def __init__(
+        self,
+        client: EngineClient,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        weight_version: int,
+    ) -> None:
         self.client = client
         self.tokenizer = tokenizer
         self.name = name
@@ -37,7 +48,7 @@ class EngineHandle:
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
         start = time.monotonic()
-        outputs: list[GenerateOutput] = await self.client.generate(requests)
+        outputs = await self.client.generate(requests)
         self.seconds += time.monotonic() - start
         self.tokens += sum(len(o.output_ids) for o in outputs)
         stale = [o.weight_version for o in outputs if o.weight_version < self.weight_version]

@@ -1,10 +1,14 @@
-"""The engine seam, shaped like SGLang's native HTTP API.
+"""The engine seam, shaped like SGLang's native HTTP API: what the rollout drives.
 
 The request and response mirror SGLang's ``GenerateReqInput`` (``input_ids``,
 ``sampling_params``, ``rid``, ``return_logprob``) and its ``meta_info`` (``output_token_logprobs``,
 ``finish_reason``, ``weight_version``), and the control calls mirror ``/update_weights_from_disk``,
-``/pause_generation``, ``/continue_generation`` and ``/health_generate``. An SGLang backend maps
-these one-to-one onto HTTP; the transformers engine implements them in process.
+``/pause_generation``, ``/continue_generation``, ``/get_model_info`` and ``/health_generate``.
+
+``EngineClient`` has two implementations, checked by one contract suite
+(``tests/contract/test_engine_client.py``): ``SGLangClient`` speaks the API over HTTP to a server
+process (real SGLang, or miles' CPU stand-in ``sglang_server``), and ``InProcessClient`` serves it
+from a ``TransformersEngine`` in the caller's process.
 """
 
 from __future__ import annotations
@@ -46,19 +50,32 @@ class GenerateOutput(msgspec.Struct, kw_only=True):
     completion_tokens: int
 
 
-class Engine(Protocol):
-    """What the rollout service needs from an inference engine."""
+class EngineClient(Protocol):
+    """One inference engine as the rollout drives it; every call is a coroutine."""
 
-    def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]: ...
-
-    def update_weights_from_disk(self, model_path: str, weight_version: int) -> None:
-        """Load safetensors (HF names) from ``model_path`` without restarting."""
+    async def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """One batch; the outputs come back in the order of ``requests``."""
         ...
 
-    def pause_generation(self) -> None: ...
+    async def update_weights_from_disk(self, model_path: str, weight_version: int) -> None:
+        """Load safetensors (Hugging Face names) from ``model_path`` without restarting."""
+        ...
 
-    def continue_generation(self) -> None: ...
+    async def pause_generation(self) -> None:
+        """Requests sent from now on wait for ``continue_generation``; a batch already running
+        may be answered with ``finish_reason == "abort"`` (SGLang's default mode)."""
+        ...
 
-    def weight_version(self) -> int: ...
+    async def continue_generation(self) -> None: ...
 
-    def health(self) -> bool: ...
+    async def weight_version(self) -> int:
+        """The version label of the weights the engine holds."""
+        ...
+
+    async def health(self) -> bool:
+        """The engine generates a token; ``False`` (never an exception) when it cannot."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the client's connections or threads (the engine itself lives on)."""
+        ...

@@ -1,6 +1,6 @@
 """An async client for SGLang's native HTTP API: the engine seam, spoken over the network.
 
-``SGLangEngine`` offers ``protocol.Engine``'s calls as coroutines, plus SGLang's other weight
+``SGLangClient`` implements ``protocol.EngineClient`` over HTTP, plus SGLang's other weight
 paths (a process group the trainer broadcasts into; serialized tensors), ``flush_cache`` and
 ``abort``. It drives a real ``sglang.launch_server`` and the CPU stand-in in ``sglang_server``.
 
@@ -161,7 +161,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-class SGLangEngine:
+class SGLangClient:
     """One SGLang (or SGLang-compatible) server, driven over HTTP. Use it inside one event loop."""
 
     def __init__(
@@ -185,7 +185,7 @@ class SGLangEngine:
         self._max_backoff_seconds = max_backoff_seconds
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> SGLangEngine:
+    async def __aenter__(self) -> SGLangClient:
         return self
 
     async def __aexit__(
@@ -201,7 +201,7 @@ class SGLangEngine:
             await self._session.close()
             self._session = None
 
-    # --- the Engine seam ---------------------------------------------------------------------
+    # --- the EngineClient seam ---------------------------------------------------------------
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
         """One batched ``/generate``; outputs come back in the order of ``requests``."""
@@ -476,7 +476,7 @@ async def _first_error_or_all(*awaitables: Awaitable[object]) -> None:
 
 
 async def join_weight_update_group(
-    engines: Sequence[SGLangEngine],
+    engines: Sequence[SGLangClient],
     master_address: str,
     master_port: int,
     group_name: str = "weight_update_group",
@@ -508,7 +508,7 @@ async def join_weight_update_group(
 
 
 async def broadcast_weights(
-    engines: Sequence[SGLangEngine],
+    engines: Sequence[SGLangClient],
     group: WeightUpdateGroup,
     named_tensors: Mapping[str, torch.Tensor],
     group_name: str,

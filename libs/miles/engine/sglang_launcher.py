@@ -2,7 +2,7 @@
 
 ``kind="sglang"`` runs ``python -m sglang.launch_server``; ``kind="local"`` runs
 ``python -m miles.engine.sglang_server``. Both get ``--model-path``, ``--host``, ``--port`` and
-``--weight-version`` (an integer, which ``SGLangEngine`` parses back), then ``server_args`` as
+``--weight-version`` (an integer, which ``SGLangClient`` parses back), then ``server_args`` as
 given (``--tp-size 2``, ``--mem-fraction-static 0.7``, ... for SGLang).
 
 As a Ray actor, ``ray.remote(num_gpus=n)(SGLangServerProcess)``: Ray sets

@@ -2,7 +2,7 @@
 
 ``python -m miles.engine.sglang_server --model-path DIR --port P [--host 127.0.0.1]``
 
-It exists so that ``SGLangEngine`` is tested over real HTTP where SGLang's runtime cannot run,
+It exists so that ``SGLangClient`` is tested over real HTTP where SGLang's runtime cannot run,
 and so a CPU-only deployment has the same one-engine-one-process shape as a GPU one. Request
 bodies are decoded strictly: a field SGLang does not define (or this server does not
 implement) is a 400, which keeps the client honest. Field names follow the SGLang sources cited

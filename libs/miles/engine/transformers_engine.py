@@ -1,4 +1,8 @@
-"""An in-process CPU inference engine on Hugging Face transformers, behind the ``Engine`` seam.
+"""A CPU inference engine on Hugging Face transformers: the model behind both ``EngineClient``s.
+
+It is synchronous and owns its process's torch threads. ``sglang_server`` serves it over SGLang's
+HTTP API (driven by ``SGLangClient``, as the rollout's engines are); ``InProcessClient`` serves
+it to async callers in the same process.
 
 It runs its own batched decode loop over a ``DynamicCache`` instead of ``model.generate``, for two
 things RL needs that ``generate`` does not give: a per-request ``torch.Generator`` (the same

@@ -12,6 +12,9 @@ The files a manifest names (weights, optimizer state) are written under temporar
 renamed by the blob store before the commit, and their names are unique per attempt, so a reader
 that follows ``latest`` never sees a torn or half-overwritten checkpoint. A trainer that dies
 between its optimizer step and the commit leaves only unreferenced files behind.
+
+``Manifests`` implements ``run_record.ManifestsPort``; ``memory_store.MemoryManifests`` is its
+in-memory twin, held to the same refusals by tests/contract/test_run_record.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
+from miles.runtime.replies import optional_text
+from miles.runtime.run_record import ManifestsPort
 from miles.runtime.store import RunKeys
 
 
@@ -84,8 +89,8 @@ return {'ok', step}
 """
 
 
-class Manifests:
-    """The manifests of one run in Redis."""
+class Manifests(ManifestsPort):
+    """The manifests of one run in Redis (``run_record.ManifestsPort``)."""
 
     def __init__(self, client: aioredis.Redis, run_id: str) -> None:
         self.redis = client
@@ -112,7 +117,7 @@ class Manifests:
             raise CommitRefused(outcome, int(latest))
 
     async def latest_step(self) -> int:
-        return int(await self.redis.get(self.keys.latest) or 0)
+        return int(optional_text(await self.redis.get(self.keys.latest)) or 0)
 
     async def latest(self) -> Manifest | None:
         step = await self.latest_step()

@@ -10,78 +10,76 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import redis
 
+from miles.events import Heartbeat
+from miles.runtime.checkpoint import Manifest
+from miles.runtime.replies import counts, optional_text, text, text_map
+from miles.runtime.run_record import EvalResult, RunRecord
 from miles.runtime.store import RunKeys
 from miles.telemetry.readout import Readout
 
 
 @dataclass
 class RunView:
-    run: dict[str, str]
+    """One read of a run's record, every part decoded into its struct."""
+
+    exists: bool
+    """False for a run id Redis holds no record of (``record`` then has its defaults)."""
+    record: RunRecord
     config: dict[str, Any]
-    steps: list[dict[str, Any]]
-    evals: list[dict[str, Any]]
-    services: dict[str, dict[str, Any]]
+    steps: list[Manifest]
+    evals: list[EvalResult]
+    services: dict[str, Heartbeat]
     dead_letters: dict[str, int]
     filtered: dict[str, int]
 
     @classmethod
     def read(cls, client: redis.Redis, run_id: str) -> RunView:
         keys = RunKeys(run_id)
-
-        def rows(key: str) -> list[dict[str, Any]]:
-            return [json.loads(row) for row in client.lrange(key, 0, -1)]
-
-        def manifests() -> list[dict[str, Any]]:
-            latest = int(client.get(keys.latest) or 0)  # type: ignore[arg-type]
-            found = client.mget([keys.manifest(s) for s in range(1, latest + 1)]) if latest else []
-            return [json.loads(row) for row in found if row is not None]  # type: ignore[union-attr]
-
-        def counts(key: str) -> dict[str, int]:
-            return {name: int(count) for name, count in client.hgetall(key).items()}
-
+        record = text_map(client.hgetall(keys.record))
+        latest = int(optional_text(client.get(keys.latest)) or 0)
+        manifests = client.mget([keys.manifest(s) for s in range(1, latest + 1)]) if latest else []
+        beats = client.hgetall(keys.services)
         return cls(
-            run=client.hgetall(keys.record),
-            config=json.loads(client.get(keys.config) or "{}"),
-            steps=manifests(),
-            evals=rows(keys.evals),
-            services={k: json.loads(v) for k, v in client.hgetall(keys.services).items()},
-            dead_letters=counts(keys.dead),
-            filtered=counts(keys.filtered),
+            exists=bool(record),
+            record=RunRecord.decode(record),
+            config=json.loads(optional_text(client.get(keys.config)) or "{}"),
+            steps=[_MANIFEST.decode(row) for row in manifests if row is not None],
+            evals=[_EVAL.decode(row) for row in client.lrange(keys.evals, 0, -1)],
+            services={text(name): _HEARTBEAT.decode(beat) for name, beat in beats.items()},
+            dead_letters=counts(client.hgetall(keys.dead)),
+            filtered=counts(client.hgetall(keys.filtered)),
         )
-
-    @property
-    def exists(self) -> bool:
-        return bool(self.run)
 
     @functools.cached_property
     def metrics(self) -> Readout:
-        return Readout(self.services.values())
+        return Readout(msgspec.to_builtins(beat) for beat in self.services.values())
 
     @property
     def step(self) -> int:
-        return int(self.run.get("step", 0))
+        return self.record.step
 
     def wall_seconds(self) -> float:
-        end = float(self.run.get("finished", 0)) or time.time()
-        return end - float(self.run.get("started", end))
+        end = self.record.finished or time.time()
+        return end - (end if self.record.started is None else self.record.started)
 
     def samples_per_second(self) -> float:
-        trained = sum(step["samples"] for step in self.steps)
+        trained = sum(step.samples for step in self.steps)
         wall = self.wall_seconds()
         return trained / wall if wall > 0 else 0.0
 
     def accuracy(self) -> float | None:
-        return self.evals[-1]["accuracy"] if self.evals else None
+        return self.evals[-1].accuracy if self.evals else None
 
     def service_seconds(self) -> dict[str, dict[str, float]]:
         """Busy and waiting seconds summed over each service's instances."""
         out: dict[str, dict[str, float]] = {}
         for beat in self.services.values():
-            entry = out.setdefault(beat["service"], {"busy": 0.0, "waiting": 0.0, "instances": 0})
-            entry["busy"] += beat["busy_seconds"]
-            entry["waiting"] += beat["wait_seconds"]
+            entry = out.setdefault(beat.service, {"busy": 0.0, "waiting": 0.0, "instances": 0})
+            entry["busy"] += beat.busy_seconds
+            entry["waiting"] += beat.wait_seconds
             entry["instances"] += 1
         for entry in out.values():
             total = entry["busy"] + entry["waiting"]
@@ -90,7 +88,7 @@ class RunView:
 
     def live_services(self, within: float = 10.0) -> list[str]:
         now = time.time()
-        return sorted(k for k, b in self.services.items() if now - b["time"] < within)
+        return sorted(k for k, b in self.services.items() if now - b.time < within)
 
     def headline(self) -> dict[str, str]:
         """The metric rows `miles status` prints and the live view shows, formatted once."""
@@ -119,22 +117,20 @@ class RunView:
         }
 
     def summary(self) -> dict[str, Any]:
-        rewards = [step["reward_mean"] for step in self.steps]
+        rewards = [step.reward_mean for step in self.steps]
         phase: dict[str, float] = {}
         for step in self.steps:
-            for name, seconds in step["seconds"].items():
+            for name, seconds in step.seconds.items():
                 phase[name] = phase.get(name, 0.0) + seconds
         return {
-            "run_id": self.run.get("run_id"),
-            "status": self.run.get("status"),
+            "run_id": self.record.run_id,
+            "status": self.record.status,
             "steps": self.step,
             "wall_seconds": round(self.wall_seconds(), 2),
             "samples_per_second": round(self.samples_per_second(), 3),
-            "accuracy_before": self.evals[0]["accuracy"] if self.evals else None,
-            "accuracy_after": self.evals[-1]["accuracy"] if self.evals else None,
-            "evals": [
-                {"after_step": e["after_step"], "accuracy": e["accuracy"]} for e in self.evals
-            ],
+            "accuracy_before": self.evals[0].accuracy if self.evals else None,
+            "accuracy_after": self.evals[-1].accuracy if self.evals else None,
+            "evals": [{"after_step": e.after_step, "accuracy": e.accuracy} for e in self.evals],
             "reward_mean_first": rewards[0] if rewards else None,
             "reward_mean_last": rewards[-1] if rewards else None,
             "reward_mean_by_step": rewards,
@@ -144,6 +140,11 @@ class RunView:
             "dead_letters": self.dead_letters,
             "metrics": self.metrics.key_metrics(),
         }
+
+
+_MANIFEST = msgspec.json.Decoder(Manifest)
+_EVAL = msgspec.json.Decoder(EvalResult)
+_HEARTBEAT = msgspec.json.Decoder(Heartbeat)
 
 
 def _fmt(value: float | None, spec: str) -> str:

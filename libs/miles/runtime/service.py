@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -18,13 +17,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redis.asyncio import Redis
+import msgspec
 
 from miles import events, telemetry
 from miles.config import MilesConfig
 from miles.recipe import Recipe
-from miles.runtime.bus import Bus, connect_nats
+from miles.runtime.bus import Bus, NatsBus, connect_nats
 from miles.runtime.checkpoint import Manifests
+from miles.runtime.run_record import ManifestsPort, RunStorePort
 from miles.runtime.store import RunStore, connect_redis
 from miles.runtime.subjects import Subjects
 from miles.telemetry import Metrics, Phase, record
@@ -77,17 +77,13 @@ class ServiceContext:
     run_id: str
     run_dir: Path
     bus: Bus
-    store: RunStore
-    redis: Redis
+    store: RunStorePort
+    manifests: ManifestsPort
     metrics: Metrics
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     clock: Clock = field(default_factory=Clock)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     metrics_port: int = 0
-
-    @functools.cached_property
-    def manifests(self) -> Manifests:
-        return Manifests(self.redis, self.run_id)
 
     @property
     def subjects(self) -> Subjects:
@@ -130,13 +126,13 @@ class ServiceContext:
         )
 
     async def _poll_consumers(self) -> None:
-        for info in await self.bus.consumer_infos():
+        for state in await self.bus.consumer_infos():
             self.metrics.set_consumer_info(
-                info.stream_name,
-                info.name,
-                pending=info.num_pending or 0,
-                ack_pending=info.num_ack_pending or 0,
-                redelivered=info.num_redelivered or 0,
+                state.stream,
+                state.durable,
+                pending=state.pending,
+                ack_pending=state.ack_pending,
+                redelivered=state.redelivered,
             )
 
     async def _heartbeat_loop(self) -> None:
@@ -144,7 +140,9 @@ class ServiceContext:
         while not self.stopping.is_set():
             await self._poll_consumers()
             beat = self.heartbeat()
-            await self.bus.broadcast(self.subjects.heartbeat(self.service, self.instance), beat)
+            await self.bus.broadcast(
+                self.subjects.heartbeat(self.service, self.instance), self._fits_bus(beat)
+            )
             await self.store.heartbeat(beat)  # `miles status` works even without a coordinator
             status = await self.store.status()
             if status in ("finished", "failed"):
@@ -152,6 +150,13 @@ class ServiceContext:
                 self.stopping.set()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=period)
+
+    def _fits_bus(self, beat: events.Heartbeat) -> events.Heartbeat:
+        """The beat for the bus: without its metrics snapshot when that would make it exceed
+        ``max_payload``. Liveness needs only who and when; the run record keeps it whole."""
+        if len(events.encode(beat)) <= self.bus.max_payload:
+            return beat
+        return msgspec.structs.replace(beat, metrics={})
 
     async def _control(self) -> None:
         async def on_control(control: events.Control) -> None:
@@ -187,7 +192,9 @@ async def run_service(
         log.info("%s serves /metrics on port %d", service, metrics_port)
     nc = await connect_nats(config.infra.nats_url, timeout, name=f"miles-{service}")
     redis = await connect_redis(config.infra.redis_url, timeout)
-    bus = Bus(nc, run_id, service, config.infra.max_payload_bytes, config.infra.ack_wait_seconds)
+    bus = NatsBus(
+        nc, run_id, service, config.infra.max_payload_bytes, config.infra.ack_wait_seconds
+    )
     store = RunStore(redis, run_id)
 
     async def count_dead(reason: str) -> None:
@@ -196,7 +203,16 @@ async def run_service(
 
     bus.on_dead_letter = count_dead
     ctx = ServiceContext(
-        service, config, recipe, run_id, run_dir, bus, store, redis, metrics, instance=instance
+        service,
+        config,
+        recipe,
+        run_id,
+        run_dir,
+        bus,
+        store,
+        Manifests(redis, run_id),
+        metrics,
+        instance=instance,
     )
     ctx.metrics_port = metrics_port
     loop = asyncio.get_running_loop()

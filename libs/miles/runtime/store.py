@@ -18,14 +18,15 @@ Keys, all under ``miles:run:<run_id>``:
 - ``:stragglers``     engine -> how often it was flagged as a straggler
 - ``:engines``        engine -> its base URL (a push: rollout.weight_sync != "blob")
 ``miles:runs`` is a sorted set of run ids by start time.
+
+``RunStore`` implements ``run_record.RunStorePort`` (``memory_store.MemoryRunStore`` is its
+in-memory twin); ``checkpoint.Manifests`` holds the manifests, the ledger and ``latest``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -35,6 +36,8 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 
 from miles.events import Heartbeat
 from miles.runtime.bus import Unreachable
+from miles.runtime.replies import counts, members, optional_text, text, text_map
+from miles.runtime.run_record import BatchPlan, EvalResult, RunRecord, RunStorePort, Scalar
 
 log = logging.getLogger(__name__)
 RUNS_KEY = "miles:runs"
@@ -48,15 +51,9 @@ return 0
 """
 
 
-class BatchPlan(msgspec.Struct, frozen=True):
-    """A batch the buffer planned: its groups in order, and whether it reached the stream."""
-
-    batch_id: str
-    task_ids: list[str]
-    published: bool
-
-
 _PLAN = msgspec.json.Decoder(BatchPlan)
+_EVAL = msgspec.json.Decoder(EvalResult)
+_HEARTBEAT = msgspec.json.Decoder(Heartbeat)
 
 
 class RunKeys:
@@ -127,7 +124,9 @@ async def _ping_once(url: str, timeout: float) -> None:
         await probe.aclose()
 
 
-class RunStore:
+class RunStore(RunStorePort):
+    """One run's record in Redis (``run_record.RunStorePort``)."""
+
     def __init__(self, client: aioredis.Redis, run_id: str) -> None:
         self.redis = client
         self.run_id = run_id
@@ -152,7 +151,7 @@ class RunStore:
             await self.redis.set(self.keys.config, config_json)
             await self.redis.zadd(RUNS_KEY, {self.run_id: now})
         else:
-            existing = await self.redis.hget(self.keys.record, "config_hash")
+            existing = optional_text(await self.redis.hget(self.keys.record, "config_hash"))
             if existing != config_hash:
                 raise ValueError(
                     f"run {self.run_id} exists with config {existing}, not {config_hash}"
@@ -160,57 +159,64 @@ class RunStore:
         return bool(created)
 
     async def run(self) -> dict[str, str]:
-        return await self.redis.hgetall(self.keys.record)
+        """The hash as Redis holds it, strings: for audits that read the storage itself.
+        Services read ``record()``."""
+        return text_map(await self.redis.hgetall(self.keys.record))
 
-    async def update(self, **fields: Any) -> None:
-        await self.redis.hset(self.keys.record, mapping={k: _scalar(v) for k, v in fields.items()})
+    async def record(self) -> RunRecord:
+        return RunRecord.decode(await self.run())
+
+    async def update(self, **fields: Scalar) -> None:
+        RunRecord.check(fields)
+        # A comprehension, not dict(fields): redis-py's mapping type is invariant in its key.
+        await self.redis.hset(self.keys.record, mapping={k: v for k, v in fields.items()})
 
     async def status(self) -> str | None:
-        return await self.redis.hget(self.keys.record, "status")
+        return optional_text(await self.redis.hget(self.keys.record, "status"))
 
     async def policy_version(self) -> int:
-        return int(await self.redis.hget(self.keys.record, "policy_version") or 0)
+        return int(optional_text(await self.redis.hget(self.keys.record, "policy_version")) or 0)
 
-    async def add_eval(self, record: dict[str, Any]) -> None:
-        await self.redis.rpush(self.keys.evals, json.dumps(record))
+    async def add_eval(self, result: EvalResult) -> None:
+        await self.redis.rpush(self.keys.evals, msgspec.json.encode(result).decode())
 
-    async def evals(self) -> list[dict[str, Any]]:
-        return [json.loads(row) for row in await self.redis.lrange(self.keys.evals, 0, -1)]
+    async def evals(self) -> list[EvalResult]:
+        return [_EVAL.decode(row) for row in await self.redis.lrange(self.keys.evals, 0, -1)]
 
     async def heartbeat(self, beat: Heartbeat) -> None:
         key = f"{beat.service}/{beat.instance}"
         await self.redis.hset(self.keys.services, key, msgspec.json.encode(beat).decode())
 
-    async def services(self) -> dict[str, dict[str, Any]]:
+    async def services(self) -> dict[str, Heartbeat]:
         rows = await self.redis.hgetall(self.keys.services)
-        return {key: json.loads(value) for key, value in rows.items()}
+        return {text(key): _HEARTBEAT.decode(value) for key, value in rows.items()}
 
     async def count_dead_letter(self, reason: str) -> None:
         await self.redis.hincrby(self.keys.dead, reason, 1)
 
     async def dead_letters(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.dead)).items()}
+        return counts(await self.redis.hgetall(self.keys.dead))
 
     async def restarts(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.restarts)).items()}
+        return counts(await self.redis.hgetall(self.keys.restarts))
 
     async def register_engines(self, urls: dict[str, str]) -> None:
         """Engine name -> base URL, for a trainer that broadcasts weights into them."""
         if urls:
-            await self.redis.hset(self.keys.engines, mapping=urls)
+            await self.redis.hset(self.keys.engines, mapping={k: v for k, v in urls.items()})
 
     async def forget_engines(self, names: list[str]) -> None:
         if names:
             await self.redis.hdel(self.keys.engines, *names)
 
     async def engine_urls(self) -> list[str]:
-        return sorted(set((await self.redis.hgetall(self.keys.engines)).values()))
+        return sorted(set(text_map(await self.redis.hgetall(self.keys.engines)).values()))
 
     async def count_straggler(self, engine: str) -> None:
         await self.redis.hincrby(self.keys.stragglers, engine, 1)
 
     async def stragglers(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.stragglers)).items()}
+        return counts(await self.redis.hgetall(self.keys.stragglers))
 
     async def record_filtered(self, task_id: str, reason: str) -> bool:
         """Remember why a group was dropped; counted once however often it is redelivered."""
@@ -220,7 +226,7 @@ class RunStore:
         return bool(first)
 
     async def filtered(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.redis.hgetall(self.keys.filtered)).items()}
+        return counts(await self.redis.hgetall(self.keys.filtered))
 
     async def filtered_groups(self) -> int:
         return int(await self.redis.hlen(self.keys.filtered_tasks))
@@ -230,7 +236,7 @@ class RunStore:
         plan = msgspec.json.encode(BatchPlan(batch_id, task_ids, published=False)).decode()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(self.keys.batches, batch_id, plan)
-            pipe.hset(self.keys.batched, mapping=dict.fromkeys(task_ids, batch_id))
+            pipe.hset(self.keys.batched, mapping={task_id: batch_id for task_id in task_ids})
             await pipe.execute()
 
     async def mark_published(self, batch_id: str, task_ids: list[str]) -> None:
@@ -241,7 +247,7 @@ class RunStore:
         """task id -> the plan of the batch it is in, for the tasks already batched."""
         if not task_ids:
             return {}
-        owners = await self.redis.hmget(self.keys.batched, task_ids)
+        owners = [optional_text(b) for b in await self.redis.hmget(self.keys.batched, task_ids)]
         batch_ids = sorted({b for b in owners if b is not None})
         if not batch_ids:
             return {}
@@ -255,10 +261,4 @@ class RunStore:
 
 
 async def list_runs(client: aioredis.Redis) -> list[str]:
-    return list(await client.zrange(RUNS_KEY, 0, -1))
-
-
-def _scalar(value: Any) -> str | int | float:
-    if isinstance(value, (int, float, str)):
-        return value
-    return json.dumps(value)
+    return members(await client.zrange(RUNS_KEY, 0, -1))

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from miles.config import GRPOConfig, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.batch import TensorBatch, collate, split, token_logprobs
 from miles.trainer.objective import MicroObjective, grpo_objective
+from miles.trainer.protocol import StepMetrics
 
 UpdateFn = Callable[[nn.Module, TensorBatch, torch.optim.Optimizer], dict[str, float]]
 """A user's whole update: loss, backward and ``optimizer.step()``; returns its metrics."""
@@ -42,6 +43,10 @@ STATE_FILE = "trainer_state.pt"
 
 
 class TorchTrainer:
+    """The ``TrainerBackend`` of one process: the HF model, AdamW, a frozen reference."""
+
+    state_file = STATE_FILE
+
     def __init__(
         self,
         model_path: str,
@@ -69,10 +74,10 @@ class TorchTrainer:
             weight_decay=trainer.weight_decay,
         )
 
-    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
+    def train_step(self, samples: list[TrainSample]) -> StepMetrics:
         batch = collate(samples, PAD_ID).to(self.device)
         if self.update_fn is not None:
-            return self.update_fn(self.model, batch, self.optimizer)
+            return StepMetrics.from_mapping(self.update_fn(self.model, batch, self.optimizer))
 
         self.optimizer.zero_grad(set_to_none=True)
         started = time.perf_counter()
@@ -80,13 +85,15 @@ class TorchTrainer:
         backward_done = time.perf_counter()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.grad_clip)
         self.optimizer.step()
-        return {
-            **metrics,
-            "grad_norm": grad_norm.item(),
-            "tokens": float(batch.num_tokens),
-            "seconds_forward_backward": backward_done - started,
-            "seconds_optimizer": time.perf_counter() - backward_done,
-        }
+        return StepMetrics.from_mapping(
+            {
+                **metrics,
+                "grad_norm": grad_norm.item(),
+                "tokens": float(batch.num_tokens),
+                "seconds_forward_backward": backward_done - started,
+                "seconds_optimizer": time.perf_counter() - backward_done,
+            }
+        )
 
     def save_weights(self, directory: str) -> str:
         # transformers 5 always writes safetensors (``safe_serialization`` is gone) and keeps HF
@@ -99,6 +106,9 @@ class TorchTrainer:
         """Load policy weights in place; the optimizer moments and the reference are kept."""
         # safetensors' load_model knows that tied parameters were saved once.
         load_model(self.model, Path(directory) / WEIGHTS_FILE, device=str(self.device))
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        return dict(self.model.state_dict())
 
     def save_state(self, directory: str) -> str:
         """Optimizer moments and the RNG, for a resume that continues bit for bit."""

@@ -8,14 +8,13 @@ the sha256 of ``model.safetensors`` before they load anything.
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
 
-from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError
-from nats.js.object_store import ObjectStore
+from miles.runtime.bus import ObjectBuckets
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -69,30 +68,22 @@ class DirBlobStore:
 
 
 class ObjectBlobStore:
-    """JetStream Object Store, for clusters without a shared filesystem.
+    """Object buckets on the bus (JetStream's Object Store), for clusters without a shared
+    filesystem. Every object is streamed to and from a file, never held whole in memory."""
 
-    nats-py's ``get`` without ``writeinto`` concatenates chunks into one growing bytes object,
-    which is quadratic in the object size; we always stream into a file.
-    """
-
-    def __init__(self, js: JetStreamContext, bucket: str, cache_dir: Path) -> None:
-        self.js = js
+    def __init__(self, buckets: ObjectBuckets, bucket: str, cache_dir: Path) -> None:
+        self.buckets = buckets
         self.bucket = bucket
         self.cache_dir = cache_dir
 
-    async def _store(self) -> ObjectStore:
-        try:
-            return await self.js.object_store(self.bucket)
-        except BucketNotFoundError:
-            return await self.js.create_object_store(self.bucket)
-
     async def put_dir(self, local_dir: Path, name: str) -> str:
-        store = await self._store()
+        store = await self.buckets.objects(self.bucket)
         files = sorted(local_dir.iterdir())
         for path in files:
             with path.open("rb") as handle:
                 await store.put(f"{name}/{path.name}", handle)
-        await store.put(f"{name}/FILES", "\n".join(path.name for path in files))
+        listing = "\n".join(path.name for path in files).encode()
+        await store.put(f"{name}/FILES", io.BytesIO(listing))
         shutil.rmtree(local_dir)
         return f"nats-os://{self.bucket}/{name}"
 
@@ -102,14 +93,15 @@ class ObjectBlobStore:
         target = self.cache_dir / name
         if (target / checked).exists() and sha256_file(target / checked) == sha256:
             return target
-        store = await self.js.object_store(parsed.netloc)
+        store = await self.buckets.objects(parsed.netloc)
         staging = self.cache_dir / f".{name.replace('/', '_')}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        listing = await store.get(f"{name}/FILES")
-        for file_name in (listing.data or b"").decode().split("\n"):
+        listing = io.BytesIO()
+        await store.get(f"{name}/FILES", listing)
+        for file_name in listing.getvalue().decode().split("\n"):
             with (staging / file_name).open("wb") as handle:
-                await store.get(f"{name}/{file_name}", writeinto=handle)
+                await store.get(f"{name}/{file_name}", handle)
         _verify(staging, sha256, checked)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(target, ignore_errors=True)

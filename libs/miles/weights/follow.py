@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def make_blob_store(config: MilesConfig, bus: Bus, run_dir: Path) -> BlobStore:
     if config.infra.blob_store == "nats":
-        return ObjectBlobStore(bus.js, f"miles_{bus.run_id}_blobs", run_dir / "blob-cache")
+        return ObjectBlobStore(bus, f"miles_{bus.run_id}_blobs", run_dir / "blob-cache")
     return DirBlobStore(config.infra.blob_dir or run_dir / "blobs")
 
 
@@ -31,10 +31,10 @@ class WeightsWatcher:
         self.changed = asyncio.Event()
 
     async def start(self) -> None:
-        subscription = await self.bus.subscribe_latest(self.bus.subjects.weights)
+        published = await self.bus.subscribe_latest(self.bus.subjects.weights)
 
         async def follow() -> None:
-            async for msg in subscription.messages:
+            async for msg in published:
                 try:
                     event = events.decode(msg.data, events.WeightsPublished, self.bus.run_id)
                 except events.BadEvent as exc:
@@ -42,7 +42,7 @@ class WeightsWatcher:
                     continue
                 if self.latest is None or event.policy_version > self.latest.policy_version:
                     self.latest = event
-                    self.latest_headers = msg.headers or {}
+                    self.latest_headers = dict(msg.headers or {})
                     self.changed.set()
 
         self._task = asyncio.create_task(follow())

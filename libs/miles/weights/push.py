@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 
 from miles.engine.sglang_client import (
-    SGLangEngine,
+    SGLangClient,
     SGLangError,
     WeightUpdateGroup,
     broadcast_weights,
@@ -44,11 +44,11 @@ GROUP = "miles_weights"
 class Transport(Protocol):
     """How tensors reach a set of live engines."""
 
-    async def prepare(self, engines: list[SGLangEngine]) -> None:
+    async def prepare(self, engines: list[SGLangClient]) -> None:
         """Before the engines pause: whatever the transport needs set up with them."""
 
     async def send(
-        self, engines: list[SGLangEngine], named: Mapping[str, torch.Tensor], version: int
+        self, engines: list[SGLangClient], named: Mapping[str, torch.Tensor], version: int
     ) -> None: ...
 
     def reset(self) -> None:
@@ -63,14 +63,14 @@ class Broadcast:
         self.urls: tuple[str, ...] = ()
         self.group: WeightUpdateGroup | None = None
 
-    async def prepare(self, engines: list[SGLangEngine]) -> None:
+    async def prepare(self, engines: list[SGLangClient]) -> None:
         urls = tuple(e.base_url for e in engines)
         if urls != self.urls or self.group is None:
             self.group = await self._regroup(engines)
             self.urls = urls
 
     async def send(
-        self, engines: list[SGLangEngine], named: Mapping[str, torch.Tensor], version: int
+        self, engines: list[SGLangClient], named: Mapping[str, torch.Tensor], version: int
     ) -> None:
         assert self.group is not None, "prepare() forms the group"
         await broadcast_weights(engines, self.group, named, GROUP, version)
@@ -78,7 +78,7 @@ class Broadcast:
     def reset(self) -> None:
         self.urls, self.group = (), None
 
-    async def _regroup(self, engines: list[SGLangEngine]) -> WeightUpdateGroup:
+    async def _regroup(self, engines: list[SGLangClient]) -> WeightUpdateGroup:
         for engine in engines:  # an engine still in an old group must leave it first
             with contextlib.suppress(SGLangError):
                 await engine.destroy_weights_update_group(GROUP)
@@ -104,11 +104,11 @@ class SharedTensors:
     def __init__(self, engine_tp: int = 1) -> None:
         self.engine_tp = engine_tp
 
-    async def prepare(self, engines: list[SGLangEngine]) -> None:
+    async def prepare(self, engines: list[SGLangClient]) -> None:
         pass
 
     async def send(
-        self, engines: list[SGLangEngine], named: Mapping[str, torch.Tensor], version: int
+        self, engines: list[SGLangClient], named: Mapping[str, torch.Tensor], version: int
     ) -> None:
         payload = serialize_named_tensors(named)  # the tensors stay alive until every reply
         await asyncio.gather(
@@ -132,7 +132,7 @@ class WeightPush:
     async def _send(
         self, urls: list[str], named: Mapping[str, torch.Tensor], version: int
     ) -> list[str]:
-        engines = [SGLangEngine(url, retries=0) for url in urls]
+        engines = [SGLangClient(url, retries=0) for url in urls]
         try:
             alive = [e for e, ok in zip(engines, await _health(engines), strict=True) if ok]
             if not alive:
@@ -153,11 +153,11 @@ class WeightPush:
             await asyncio.gather(*(e.aclose() for e in engines))
 
 
-async def _health(engines: list[SGLangEngine]) -> list[bool]:
+async def _health(engines: list[SGLangClient]) -> list[bool]:
     return list(await asyncio.gather(*(e.health() for e in engines)))
 
 
-async def _verify(engine: SGLangEngine, named: Mapping[str, torch.Tensor]) -> None:
+async def _verify(engine: SGLangClient, named: Mapping[str, torch.Tensor]) -> None:
     """Compare per-tensor sha256s where the engine can tell them (miles' CPU server)."""
     try:
         held = await engine.miles_weights_checksum()

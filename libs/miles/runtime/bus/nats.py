@@ -12,12 +12,12 @@ message it pulled in ``bus.process(msg)``, a ``process <subject>`` span parented
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlparse
 
@@ -31,25 +31,31 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
-    ConsumerInfo,
     DeliverPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
+from nats.js.object_store import ObjectStore
 from opentelemetry.propagate import inject
 from opentelemetry.trace import Link, Span
 
 from miles import events, telemetry
-from miles.runtime.bus.port import Message
-from miles.runtime.subjects import (
-    BUFFER_CONSUMER,
-    COORDINATOR_CONSUMER,
-    REWARD_CONSUMER,
-    ROLLOUT_CONSUMER,
-    TRAINER_CONSUMER,
-    Subjects,
+from miles.runtime.bus.port import (
+    ConsumerState,
+    Message,
+    ObjectBucket,
+    Oversized,
+    Received,
+    Subscription,
+    dead_letter_record,
+    decode_fetched,
+    hold,
+    oversized,
+    process_span,
 )
+from miles.runtime.bus.topology import DEDUPE_WINDOW_SECONDS, topology
+from miles.runtime.subjects import Subjects
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=events.Event)
@@ -64,80 +70,11 @@ NATS_AWAY = (
 )
 """What a call raises while nats-server restarts; the client reconnects on its own."""
 
-DEDUPE_WINDOW_SECONDS = 300.0
-"""Longer than the longest publish retry (``publish`` gives up after ~60 s)."""
-
-
 PUBLISH_ACK_SECONDS = 2.0
-
-
-class Oversized(ValueError):
-    """An event larger than ``infra.max_payload_bytes``; it was dead-lettered, not published."""
 
 
 class Unreachable(RuntimeError):
     """NATS (or Redis) is not there; the message says what to set."""
-
-
-class DeadLetter(msgspec.Struct, kw_only=True):
-    """What the dead-letter subject records: never decoded further, never unpickled."""
-
-    run_id: str
-    service: str
-    reason: str
-    detail: str
-    subject: str
-    payload: bytes
-    time: float
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    kind: str
-    subjects: tuple[str, ...]
-    work_queue: bool
-
-
-@dataclass(frozen=True)
-class ConsumerSpec:
-    stream_kind: str
-    durable: str
-    ack_wait: float
-    max_ack_pending: int
-
-
-def topology(
-    subjects: Subjects, ack_wait: float = 6.0
-) -> tuple[list[StreamSpec], list[ConsumerSpec]]:
-    """The streams and durable consumers of one run.
-
-    AckWait is short: a consumer that dies holding messages has them redelivered to a restarted
-    (or another) replica within seconds. Live consumers send ``in_progress`` during long work.
-    """
-    s = subjects
-    streams = [
-        # Tasks are kept after they are acked (limits, not work-queue, retention): the stream is
-        # the run's record of what the coordinator dispatched and JetStream acknowledged, which
-        # the chaos tests' accounting and an operator's audit read back.
-        StreamSpec("tasks", (s.tasks,), work_queue=False),
-        StreamSpec("generated", (s.generated,), work_queue=True),
-        StreamSpec("scored", (s.scored,), work_queue=True),
-        StreamSpec("batches", (s.batches,), work_queue=True),
-        # The coordinator's inbox: step commits, filtered groups and eval results.
-        StreamSpec("ledger", (s.steps, s.filtered, s.eval_scored), work_queue=False),
-        # Every rollout replica reads the latest weights event: not a queue.
-        StreamSpec("weights", (s.weights,), work_queue=False),
-        StreamSpec("dead", (s.dead(),), work_queue=False),
-    ]
-    consumers = [
-        ConsumerSpec("tasks", ROLLOUT_CONSUMER, ack_wait, max_ack_pending=1024),
-        ConsumerSpec("generated", REWARD_CONSUMER, ack_wait, max_ack_pending=1024),
-        # The buffer holds groups unacked until the batch that uses them is published.
-        ConsumerSpec("scored", BUFFER_CONSUMER, ack_wait, max_ack_pending=4096),
-        ConsumerSpec("batches", TRAINER_CONSUMER, ack_wait, max_ack_pending=4),
-        ConsumerSpec("ledger", COORDINATOR_CONSUMER, ack_wait, max_ack_pending=4096),
-    ]
-    return streams, consumers
 
 
 async def connect_nats(url: str, timeout: float, name: str) -> NATS:
@@ -165,8 +102,8 @@ async def connect_nats(url: str, timeout: float, name: str) -> NATS:
         ) from exc
 
 
-class Bus:
-    """One service's view of the run's streams."""
+class NatsBus:
+    """One service's view of the run's streams, on JetStream (satisfies ``port.Bus``)."""
 
     def __init__(
         self, nc: NATS, run_id: str, service: str, max_payload: int, ack_wait: float = 6.0
@@ -215,7 +152,7 @@ class Bus:
                     ),
                 )
 
-    async def pull(self, stream_kind: str, durable: str) -> JetStreamContext.PullSubscription:
+    async def pull(self, stream_kind: str, durable: str) -> Subscription:
         """Bind to a durable consumer, waiting (with a log line) until the coordinator made it."""
         stream = self.subjects.stream(stream_kind)
         delay = 0.2
@@ -243,8 +180,7 @@ class Bus:
         headers = {"Nats-Msg-Id": msg_id}
         with telemetry.send_span(subject, msg_id, headers) as span:  # adds traceparent
             span.set_attribute("messaging.message.body.size", len(payload))
-            if len(payload) > self.max_payload:
-                detail = f"{type(event).__name__} is {len(payload)} bytes, over max_payload"
+            if detail := oversized(event, payload, self.max_payload):
                 await self.dead_letter(subject, payload, "oversized", detail)
                 raise Oversized(detail)
             delay = 0.1
@@ -263,11 +199,7 @@ class Bus:
                     delay = min(delay * 2, 5.0)
 
     async def fetch(
-        self,
-        subscription: JetStreamContext.PullSubscription,
-        expected: type[E],
-        batch: int,
-        timeout: float,
+        self, subscription: Subscription, expected: type[E], batch: int, timeout: float
     ) -> list[tuple[E, Message]]:
         """Pull up to ``batch`` messages; bad ones are dead-lettered and acked here."""
         try:
@@ -278,46 +210,34 @@ class Bus:
             log.warning("fetch from NATS failed (%s); waiting for it to come back", exc)
             await asyncio.sleep(timeout)
             return []
-        good: list[tuple[E, Message]] = []
-        for msg in messages:
-            try:
-                good.append((events.decode(msg.data, expected, self.run_id), msg))
-            except events.BadEvent as exc:
-                with self.process(msg):
-                    await self.dead_letter(msg.subject, msg.data, exc.reason, exc.detail)
-                    await msg.ack()
-        return good
+        return await decode_fetched(self, messages, expected)
 
     def process(
         self, msg: Message, links: Sequence[Link] = (), start_time: int | None = None
     ) -> AbstractContextManager[Span]:
-        """The ``process <subject>`` span of handling one pulled message, made current.
+        """The ``process <subject>`` span of handling one pulled message, made current."""
+        return process_span(msg, links, start_time)
 
-        Its parent is the publisher's ``send`` span (from the headers), so whatever the handler
-        publishes joins the same trace; the consumer group is the durable consumer the
-        replicas share. ``start_time`` (ns since the epoch) backdates it, for handlers that
-        open it after batched work.
-        """
-        headers = msg.headers or {}
-        return telemetry.process_span(
-            msg.subject,
-            headers.get("Nats-Msg-Id", ""),
-            msg.metadata.consumer or "",
-            headers,
-            links,
-            start_time,
-        )
-
-    async def consumer_infos(self) -> list[ConsumerInfo]:
+    async def consumer_infos(self) -> list[ConsumerState]:
         """JetStream's view of the consumers this process pulls from (pending, ack-pending,
         redelivered); the ones that cannot be read now (NATS away) are left out."""
-        infos = []
+        states = []
         for stream, durable in self.bound:
             try:
-                infos.append(await self.js.consumer_info(stream, durable, timeout=2))
+                info = await self.js.consumer_info(stream, durable, timeout=2)
             except (*NATS_AWAY, nats.js.errors.NotFoundError) as exc:
                 log.debug("consumer info of %s/%s unavailable: %s", stream, durable, exc)
-        return infos
+                continue
+            states.append(
+                ConsumerState(
+                    stream=info.stream_name,
+                    durable=info.name,
+                    pending=info.num_pending or 0,
+                    ack_pending=info.num_ack_pending or 0,
+                    redelivered=info.num_redelivered or 0,
+                )
+            )
+        return states
 
     async def hold(self, work: Awaitable[T], messages: Sequence[Message]) -> T:
         """``work`` while telling JetStream we still hold ``messages``, every third of AckWait."""
@@ -332,16 +252,7 @@ class Bus:
         """
         self.dead_letters += 1
         log.warning("dead-lettered a message from %s: %s: %s", subject, reason, detail[:200])
-        room = max(0, min(4096, self.max_payload // 2))
-        record = DeadLetter(
-            run_id=self.run_id,
-            service=self.service,
-            reason=reason,
-            detail=detail[: room // 4],
-            subject=subject,
-            payload=payload[:room],
-            time=time.time(),
-        )
+        record = dead_letter_record(self, subject, payload, reason, detail)
         try:
             await self.js.publish(
                 self.subjects.dead(self.service), msgspec.msgpack.encode(record), timeout=10
@@ -358,8 +269,7 @@ class Bus:
         payload = events.encode(event)
         headers: dict[str, str] = {}
         inject(headers)
-        if len(payload) > self.max_payload:
-            detail = f"{type(event).__name__} is {len(payload)} bytes, over max_payload"
+        if detail := oversized(event, payload, self.max_payload):
             await self.dead_letter(subject, payload, "oversized", detail)
             raise Oversized(detail)
         await self.nc.publish(subject, payload, headers=headers or None)
@@ -379,20 +289,33 @@ class Bus:
             await handler(event)
 
         await self.nc.subscribe(subject, cb=on_message)
+        await self.nc.flush()  # listening when this returns: the server has the subscription
 
-    async def subscribe_latest(self, subject: str) -> JetStreamContext.PushSubscription:
+    async def subscribe_latest(self, subject: str) -> AsyncIterator[Received]:
         """An ordered consumer starting at the last message: every replica sees every update."""
-        return await self.js.subscribe(
+        subscription = await self.js.subscribe(
             subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST
         )
+        return subscription.messages
+
+    async def objects(self, bucket: str) -> ObjectBucket:
+        """A JetStream Object Store bucket, created on first use."""
+        try:
+            store = await self.js.object_store(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            store = await self.js.create_object_store(bucket)
+        return NatsBucket(store)
 
 
-async def hold(work: Awaitable[T], messages: Sequence[Message], every: float) -> T:
-    """Run ``work`` while telling JetStream we still hold ``messages`` (no redelivery)."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=every)
-        if done:
-            return task.result()
-        for msg in messages:
-            await msg.in_progress()
+class NatsBucket:
+    """nats-py's ``get`` without ``writeinto`` concatenates chunks into one growing bytes
+    object, which is quadratic in the object size; this always streams into a file."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def put(self, name: str, source: io.BufferedIOBase) -> None:
+        await self.store.put(name, source)
+
+    async def get(self, name: str, into: io.BufferedIOBase) -> None:
+        await self.store.get(name, writeinto=into)

@@ -1,4 +1,5 @@
-"""The Megatron-core training backend: one object per rank, TorchTrainer's interface.
+"""The Megatron-core training backend: one object per rank; ``MegatronRayGroup`` drives them as
+one ``TrainerBackend``.
 
 Every rank is one process that has joined the gloo group (``distributed.initialize``) and gets
 the whole batch. A step:
@@ -43,6 +44,7 @@ from miles.trainer.megatron import checkpoint, distributed, hf_io
 from miles.trainer.megatron.architecture import Architecture
 from miles.trainer.megatron.loss import METRICS, grpo_micro_batch_loss, vocab_parallel_logprobs
 from miles.trainer.megatron.model import MegatronLayout, build_gpt_model
+from miles.trainer.protocol import StepMetrics
 
 PAD_ID = 0
 """As TorchTrainer's: right padding never reaches a real position, and loss_mask drops it."""
@@ -84,7 +86,7 @@ class MegatronTrainer:
         checkpoint.init_adamw_state(self.optimizer)
         self._forward_backward = get_forward_backward_func()
 
-    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
+    def train_step(self, samples: list[TrainSample]) -> StepMetrics:
         """One optimizer step; the metrics are the whole batch's, equal on every rank."""
         batch = collate(samples, PAD_ID)
         micros = split(self._data_parallel_block(batch), self.trainer.micro_batch_size)
@@ -97,13 +99,15 @@ class MegatronTrainer:
         grad_norm = distributed.clip_grad_norm(self.model, self.trainer.grad_clip)
         self.optimizer.step()
         totals = self._sum_over_batch([out for out in outputs if isinstance(out, Tensor)])
-        return {
-            **dict(zip(METRICS, totals.tolist(), strict=True)),
-            "grad_norm": grad_norm,
-            "tokens": float(batch.num_tokens),
-            "seconds_forward_backward": backward_done - started,
-            "seconds_optimizer": time.perf_counter() - backward_done,
-        }
+        return StepMetrics.from_mapping(
+            {
+                **dict(zip(METRICS, totals.tolist(), strict=True)),
+                "grad_norm": grad_norm,
+                "tokens": float(batch.num_tokens),
+                "seconds_forward_backward": backward_done - started,
+                "seconds_optimizer": time.perf_counter() - backward_done,
+            }
+        )
 
     def save_weights(self, directory: str) -> str:
         """HF-named ``model.safetensors`` and ``config.json``, written by rank 0; its sha256."""
@@ -117,6 +121,11 @@ class MegatronTrainer:
     def load_weights(self, directory: str) -> None:
         """Policy weights from HF safetensors; the optimizer moments and the reference are kept."""
         hf_io.load_hf_weights(self.model, directory, self.arch)
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        """Every HF tensor on global rank 0, ``{}`` on the others (as ``save_weights`` gathers
+        them). Collective: call it on every rank."""
+        return hf_io.gather_hf_weights(self.model, self.arch)
 
     def save_state(self, directory: str) -> str:
         return checkpoint.save_state(self.model, self.optimizer, directory)

@@ -12,23 +12,34 @@ and write checkpoints through paths, so they need one shared filesystem (one nod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ray
 import ray.exceptions
+from ray import ObjectRef
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import Tensor
 
 from miles.config import GRPOConfig, TrainerConfig
 from miles.events import TrainSample
+from miles.trainer.megatron import distributed
+from miles.trainer.megatron.backend import MegatronTrainer
+from miles.trainer.megatron.checkpoint import STATE_FILE
 from miles.trainer.megatron.model import MegatronLayout
+from miles.trainer.protocol import StepMetrics
 
 
 class MegatronRank:
-    """One rank's process: joins the group, then holds that rank's ``MegatronTrainer``."""
+    """One rank's process: joins the group, then holds that rank's ``MegatronTrainer``.
+
+    One method per backend call, each the rank's half of a collective the group makes on every
+    rank at once.
+    """
 
     def __init__(self) -> None:
-        self.backend: Any = None
+        self._backend: MegatronTrainer | None = None
 
     def rendezvous_address(self) -> str:
         from miles.runtime.embedded import free_port
@@ -45,22 +56,46 @@ class MegatronRank:
         seed: int,
         layout: MegatronLayout,
     ) -> None:
-        # Imported here: the driver that builds the group need not import megatron.
-        from miles.trainer.megatron import distributed
-        from miles.trainer.megatron.backend import MegatronTrainer
-
         distributed.initialize(rank, layout, init_method, seed)
-        self.backend = MegatronTrainer(model_path, trainer, grpo, seed, layout)
+        self._backend = MegatronTrainer(model_path, trainer, grpo, seed, layout)
 
-    def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.backend, method)(*args)
+    @property
+    def backend(self) -> MegatronTrainer:
+        assert self._backend is not None, "start() builds the rank's backend"
+        return self._backend
+
+    def train_step(self, samples: list[TrainSample]) -> StepMetrics:
+        return self.backend.train_step(samples)
+
+    def save_weights(self, directory: str) -> str:
+        return self.backend.save_weights(directory)
+
+    def load_weights(self, directory: str) -> None:
+        self.backend.load_weights(directory)
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        return self.backend.named_tensors()
+
+    def save_state(self, directory: str) -> str:
+        return self.backend.save_state(directory)
+
+    def load_state(self, directory: str) -> None:
+        self.backend.load_state(directory)
+
+    def rng_state(self) -> str:
+        return self.backend.rng_state()
+
+    def set_rng_state(self, encoded: str) -> None:
+        self.backend.set_rng_state(encoded)
 
 
 PLACEMENT_TIMEOUT_SECONDS = 120.0
 
 
 class MegatronRayGroup:
-    """The trainer backend over ``layout.world_size`` rank actors; TorchTrainer's interface."""
+    """The ``TrainerBackend`` over ``layout.world_size`` rank actors."""
+
+    state_file = STATE_FILE
 
     def __init__(
         self,
@@ -104,33 +139,41 @@ class MegatronRayGroup:
             ]
         )
 
-    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        result: dict[str, float] = self._on_all("train_step", ray.put(samples))
-        return result
+    def train_step(self, samples: list[TrainSample]) -> StepMetrics:
+        shared = ray.put(samples)  # stored once, read by every rank
+        metrics: StepMetrics = self._on_all(lambda rank: rank.train_step.remote(shared))
+        return metrics
 
     def save_weights(self, directory: str) -> str:
-        return str(self._on_all("save_weights", directory))
+        return str(self._on_all(lambda rank: rank.save_weights.remote(directory)))
 
     def load_weights(self, directory: str) -> None:
-        self._on_all("load_weights", directory)
+        self._on_all(lambda rank: rank.load_weights.remote(directory))
+
+    def named_tensors(self) -> dict[str, Tensor]:
+        """Gathered over the ranks on rank 0, and sent from there."""
+        tensors: dict[str, Tensor] = self._on_all(lambda rank: rank.named_tensors.remote())
+        return tensors
 
     def save_state(self, directory: str) -> str:
-        return str(self._on_all("save_state", directory))
+        return str(self._on_all(lambda rank: rank.save_state.remote(directory)))
 
     def load_state(self, directory: str) -> None:
-        self._on_all("load_state", directory)
+        self._on_all(lambda rank: rank.load_state.remote(directory))
 
     def rng_state(self) -> str:
         """Rank 0's CPU RNG state: every rank seeds the same and draws the same (nothing)."""
-        return str(ray.get(self.ranks[0].call.remote("rng_state")))
+        return str(ray.get(self.ranks[0].rng_state.remote()))
 
     def set_rng_state(self, encoded: str) -> None:
-        self._on_all("set_rng_state", encoded)
+        self._on_all(lambda rank: rank.set_rng_state.remote(encoded))
 
     def shutdown(self) -> None:
         for actor in self.ranks:
             ray.kill(actor)
         remove_placement_group(self.placement_group)
 
-    def _on_all(self, method: str, *args: Any) -> Any:
-        return ray.get([actor.call.remote(method, *args) for actor in self.ranks])[0]
+    def _on_all(self, call: Callable[[Any], ObjectRef[Any]]) -> Any:
+        """``call`` on every rank at once (Megatron's collectives need all of them); rank 0's
+        answer."""
+        return ray.get([call(rank) for rank in self.ranks])[0]

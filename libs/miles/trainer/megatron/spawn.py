@@ -45,10 +45,19 @@ def run_ranks(
     deadline = time.monotonic() + timeout
     while len(collected) < len(processes):
         try:
-            rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            rank, ok, value = results.get(timeout=1.0)
         except queue.Empty:
-            failures.append(f"timed out after {timeout} s")
-            break
+            # A rank that dies before it can report (it cannot unpickle ``program``, say)
+            # would otherwise leave the others waiting in a collective until the timeout.
+            died = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
+            if died:
+                code = processes[died[0]].exitcode
+                failures.append(f"rank {died[0]} exited ({code}) before reporting: see its stderr")
+                break
+            if time.monotonic() > deadline:
+                failures.append(f"timed out after {timeout} s")
+                break
+            continue
         if not ok:
             failures.append(f"rank {rank}:\n{value}")
             break  # the other ranks are likely blocked in a collective with this one

@@ -1,0 +1,219 @@
+"""The trainer-backend contract: one suite, run against every ``TrainerBackend``.
+
+"torch" is ``TorchTrainer`` in this process (seconds); "megatron" is ``MegatronRayGroup``, two
+tensor-parallel Megatron-core rank actors on Ray, on CPU over gloo (``cpu_shims``): an
+integration test, as tests/integration/test_megatron.py. Both train the session's tiny Llama.
+
+What the trainer service relies on: a step moves the weights and reports the documented metrics;
+weights saved and loaded back are bit for bit the same, and the tensors a push sends are the
+saved ones; weights + full state + RNG from step s give a bit-identical step s + 1 in a fresh
+backend (a restarted trainer goes on as if nothing happened); ``lr = 0`` moves nothing.
+
+The tests share one backend per implementation where what they assert is relative to the state
+they start from (Ray rank groups take seconds to build); the others make their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from miles.config import GRPOConfig, TrainerConfig
+from miles.events import TrainSample
+from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
+
+SEED = 0
+TRAINER = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
+GRPO = GRPOConfig(kl_coef=0.1, old_logprobs="engine")  # a reference model and ratios != 1
+BUILT_IN_METRICS = (
+    "loss",
+    "kl",
+    "clip_frac",
+    "ratio_mean",
+    "engine_gap",
+    "grad_norm",
+    "tokens",
+    "seconds_forward_backward",
+    "seconds_optimizer",
+)
+
+
+def make_samples(seed: int, count: int = 6, vocab: int = 14) -> list[TrainSample]:
+    """Prompts and responses of different lengths (the addition tokenizer's 14 ids), behaviour
+    logprobs and mixed advantages."""
+    rng = random.Random(seed)
+    samples = []
+    for index in range(count):
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randrange(2, 6))]
+        response = [rng.randrange(1, vocab) for _ in range(rng.randrange(1, 5))]
+        samples.append(
+            TrainSample(
+                sample_id=f"s{seed}/{index}",
+                prompt_ids=prompt,
+                response_ids=response,
+                response_logprobs=[rng.uniform(-3.0, -0.5) for _ in response],
+                advantage=rng.uniform(-1.0, 1.0),
+                reward=0.0,
+                policy_version=0,
+            )
+        )
+    return samples
+
+
+@dataclass
+class Backends:
+    """Builds backends of one implementation on the tiny model, and shuts down what it built."""
+
+    kind: str
+    model: Path
+    built: list[Any] = field(default_factory=list)
+
+    def make(self, trainer: TrainerConfig = TRAINER) -> TrainerBackend:
+        if self.kind == "torch":
+            return TorchTrainer(str(self.model), trainer, GRPO, SEED)
+        from miles.trainer.megatron.model import MegatronLayout
+        from miles.trainer.megatron.ray_group import MegatronRayGroup
+
+        group = MegatronRayGroup(
+            str(self.model), trainer, GRPO, SEED, MegatronLayout(tensor_parallel=2)
+        )
+        self.built.append(group)
+        return group
+
+    @contextlib.contextmanager
+    def fresh(self, trainer: TrainerConfig = TRAINER) -> Iterator[TrainerBackend]:
+        """A backend of its own for one test, shut down after it (Ray's CPUs are few)."""
+        made = self.make(trainer)
+        try:
+            yield made
+        finally:
+            self.release(made)
+
+    def release(self, backend: TrainerBackend) -> None:
+        """Shut down a rank group this built (a torch backend is plain memory)."""
+        for group in [built for built in self.built if built is backend]:
+            self.built.remove(group)
+            group.shutdown()
+
+    def close(self) -> None:
+        for group in list(self.built):
+            self.release(group)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("torch", id="torch"),
+        pytest.param("megatron", id="megatron", marks=pytest.mark.integration),
+    ],
+)
+def backends(request: pytest.FixtureRequest, tiny_model: Path) -> Iterator[Backends]:
+    if request.param == "megatron":
+        pytest.importorskip("megatron.core", reason="megatron-core is an optional dependency")
+        request.getfixturevalue("ray_cluster")  # started only for the megatron params
+    torch.set_num_threads(1)
+    made = Backends(request.param, tiny_model)
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def backend(backends: Backends) -> TrainerBackend:
+    """The backend the relative tests share, at whatever step the tests before left it."""
+    return backends.make()
+
+
+def weights(backend: TrainerBackend, directory: Path) -> dict[str, torch.Tensor]:
+    """What ``save_weights`` writes, checked against the digest it returns."""
+    digest = backend.save_weights(str(directory))
+    assert (directory / "config.json").is_file()
+    assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == digest
+    return load_file(directory / "model.safetensors")
+
+
+def same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
+    assert left.keys() == right.keys()
+    return all(torch.equal(left[name], right[name]) for name in left)
+
+
+def test_a_step_moves_the_weights_and_reports_the_documented_metrics(
+    backend: TrainerBackend, tmp_path: Path
+) -> None:
+    samples = make_samples(1)
+    before = weights(backend, tmp_path / "before")
+
+    metrics = backend.train_step(samples)
+
+    assert isinstance(metrics, StepMetrics)
+    reported = metrics.to_dict()
+    assert set(reported) == set(BUILT_IN_METRICS)  # cpu_seconds is the actor's to add
+    assert all(math.isfinite(value) for value in reported.values()), reported
+    assert metrics.tokens == sum(len(s.response_ids) for s in samples)
+    assert metrics.grad_norm is not None and metrics.grad_norm > 0
+    assert metrics.kl is not None and metrics.kl >= 0
+    assert metrics.clip_frac is not None and 0 <= metrics.clip_frac <= 1
+    assert not same(weights(backend, tmp_path / "after"), before)
+
+
+def test_weights_saved_and_loaded_back_are_bit_for_bit_the_same(
+    backend: TrainerBackend, tmp_path: Path
+) -> None:
+    saved = weights(backend, tmp_path / "saved")
+    digest = hashlib.sha256((tmp_path / "saved" / "model.safetensors").read_bytes()).hexdigest()
+    backend.train_step(make_samples(2))
+    assert not same(weights(backend, tmp_path / "moved"), saved)
+
+    backend.load_weights(str(tmp_path / "saved"))
+
+    assert backend.save_weights(str(tmp_path / "again")) == digest
+    assert same(load_file(tmp_path / "again" / "model.safetensors"), saved)
+    # A push sends the saved tensors under their HF names (a tied one may appear twice).
+    named = backend.named_tensors()
+    assert saved.keys() <= named.keys()
+    assert all(torch.equal(named[name].cpu(), saved[name]) for name in saved)
+
+
+def test_weights_state_and_rng_give_a_bit_identical_next_step_in_a_fresh_backend(
+    backends: Backends, backend: TrainerBackend, tmp_path: Path
+) -> None:
+    backend.train_step(make_samples(3))
+    weights(backend, tmp_path / "weights")
+    state_sha256 = backend.save_state(str(tmp_path / "state"))
+    state_file = tmp_path / "state" / backend.state_file
+    assert hashlib.sha256(state_file.read_bytes()).hexdigest() == state_sha256
+    rng = backend.rng_state()
+    expected = backend.train_step(make_samples(4))
+    expected_weights = weights(backend, tmp_path / "expected")
+
+    with backends.fresh() as restarted:  # as a restarted trainer resumes: the base model first
+        restarted.load_weights(str(tmp_path / "weights"))
+        restarted.load_state(str(tmp_path / "state"))
+        restarted.set_rng_state(rng)
+        assert restarted.rng_state() == rng
+        resumed = restarted.train_step(make_samples(4))
+        resumed_weights = weights(restarted, tmp_path / "resumed")
+
+    assert same(resumed_weights, expected_weights)
+    for key, value in expected.items():
+        if not key.startswith("seconds"):
+            assert resumed[key] == value, key
+
+
+def test_zero_lr_leaves_the_weights_unchanged(backends: Backends, tmp_path: Path) -> None:
+    frozen = TRAINER.model_copy(update={"lr": 0.0, "weight_decay": 0.1})
+    with backends.fresh(frozen) as backend:
+        before = weights(backend, tmp_path / "before")
+        metrics = backend.train_step(make_samples(5))
+        after = weights(backend, tmp_path / "after")
+    assert metrics.grad_norm is not None and metrics.grad_norm > 0  # there was a gradient
+    assert same(after, before)
