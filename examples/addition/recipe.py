@@ -17,10 +17,10 @@ import task
 
 import miles
 from miles.config import (
+    GRPO,
     BufferConfig,
     CoordinatorConfig,
     DataConfig,
-    GRPOConfig,
     RolloutConfig,
     RunConfig,
     TrainerConfig,
@@ -37,7 +37,7 @@ config = miles.MilesConfig(
     rollout=RolloutConfig(
         group_size=8, max_new_tokens=DIGITS + 2, temperature=1.0, tasks_per_fetch=8
     ),
-    grpo=GRPOConfig(eps_low=0.2, eps_high=0.28, loss_aggregation="token"),
+    algorithm=GRPO(eps_low=0.2, eps_high=0.28, aggregation="token_mean", kl_coef=0.0),
     buffer=BufferConfig(groups_per_batch=8, max_staleness=0),
     trainer=TrainerConfig(lr=3e-4, micro_batch_size=64, grad_clip=1.0),
     coordinator=CoordinatorConfig(eval_every=10),

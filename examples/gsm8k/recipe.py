@@ -19,10 +19,10 @@ import re
 
 import miles
 from miles.config import (
+    GRPO,
     BufferConfig,
     CoordinatorConfig,
     DataConfig,
-    GRPOConfig,
     RolloutConfig,
     RunConfig,
     TrainerConfig,
@@ -43,7 +43,7 @@ config = miles.MilesConfig(
         stop=[],
         tasks_per_fetch=32,
     ),
-    grpo=GRPOConfig(eps_low=0.2, eps_high=0.28, loss_aggregation="token", kl_coef=0.0),
+    algorithm=GRPO(eps_low=0.2, eps_high=0.28, aggregation="token_mean", kl_coef=0.0),
     buffer=BufferConfig(groups_per_batch=64, max_staleness=1),
     trainer=TrainerConfig(
         lr=1e-6, micro_batch_size=8, dtype="bf16", grad_clip=1.0, device="cuda", num_gpus=1

@@ -103,6 +103,7 @@ class BufferCore(Generic[H]):
         self.pending: dict[str, Held[H]] = {}  # task id -> its group, newest handle
         self.replays: dict[str, list[str]] = {}  # batch id -> task ids: planned, not published
         self.version = -1  # the policy version the held groups were last checked against
+        self.zero_variance_dropped = 0  # since the last new batch: DAPO's generation rounds
 
     @property
     def depth(self) -> int:
@@ -145,10 +146,19 @@ class BufferCore(Generic[H]):
 
     def _admit(self, held: Held[H], version: int) -> Hold[H] | Drop[H]:
         reason = filter_reason(held.group, version, self.config)
+        if reason == "zero_variance" and self._over_sampled():
+            reason = None  # trains nothing, but the step goes on (max_filter_rounds)
         if reason is None:
             return Hold(held)
+        if reason == "zero_variance":
+            self.zero_variance_dropped += 1
         del self.pending[held.task_id]
         return Drop(held, reason, dead_letter=reason in BAD_INPUT)
+
+    def _over_sampled(self) -> bool:
+        rounds = self.config.max_filter_rounds
+        limit = None if rounds is None else rounds * self.config.groups_per_batch
+        return limit is not None and self.zero_variance_dropped >= limit
 
     def _replay(self) -> list[Action[H]]:
         complete: list[Action[H]] = []
@@ -172,6 +182,8 @@ class BufferCore(Generic[H]):
     def _batches(self, ready: list[str]) -> list[Action[H]]:
         size = self.config.groups_per_batch
         full = len(ready) - len(ready) % size
+        if full:
+            self.zero_variance_dropped = 0
         return [
             Publish([self.pending.pop(t) for t in ready[start : start + size]])
             for start in range(0, full, size)

@@ -84,7 +84,12 @@ async def publish_batch(ctx: ServiceContext, held: list[Held[Message]]) -> None:
     The batch starts a trace of its own, linked to its groups' traces, and carries their
     context so the trainer's step can link to them too.
     """
-    batch = make_batch(ctx.run_id, [h.group for h in held], ctx.config.grpo)
+    batch = make_batch(
+        ctx.run_id,
+        [h.group for h in held],
+        ctx.config.algorithm,
+        ctx.config.rollout.max_new_tokens,
+    )
     traceparents = {h.task_id: (h.handle.headers or {}).get("traceparent", "") for h in held}
     batch.traceparents = [traceparents[task_id] for task_id in batch.task_ids]
     links = telemetry.links_from(traceparents=batch.traceparents)

@@ -96,7 +96,11 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
     trainer = config.trainer
     if trainer.backend == "torch":
         return TorchTrainer(
-            str(config.model.path), trainer, config.grpo_resolved(), config.run.seed, recipe.update
+            str(config.model.path),
+            trainer,
+            config.algorithm_resolved(),
+            config.run.seed,
+            recipe.update,
         )
     if recipe.update is not None:
         raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
@@ -112,7 +116,7 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
     return MegatronRayGroup(
         str(config.model.path),
         trainer,
-        config.grpo_resolved(),
+        config.algorithm_resolved(),
         config.run.seed,
         layout,
         cpus_per_rank=trainer.num_cpus / layout.world_size,

@@ -28,13 +28,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from miles.config import GRPOConfig, TrainerConfig
+from miles.config import GRPO, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
 
 SEED = 0
 TRAINER = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
-GRPO = GRPOConfig(kl_coef=0.1, old_logprobs="engine")  # a reference model and ratios != 1
+GRPO = GRPO(
+    kl_coef=0.1, old_logprobs="engine", aggregation="token_mean"
+)  # a reference model and ratios != 1
 BUILT_IN_METRICS = (
     "loss",
     "kl",

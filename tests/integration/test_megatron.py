@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from miles.config import GRPOConfig, TrainerConfig
+from miles.config import GRPO, TrainerConfig
 from miles.events import TrainSample
 
 pytest.importorskip("megatron.core", reason="megatron-core is an optional dependency")
@@ -138,7 +138,13 @@ def _logits_and_weights_on_ranks(
     position_ids = torch.arange(9).expand(3, -1)
     results = []
     for index, model_dir in enumerate(model_dirs):
-        backend = MegatronTrainer(model_dir, TrainerConfig(threads=1), GRPOConfig(), SEED, TP2)
+        backend = MegatronTrainer(
+            model_dir,
+            TrainerConfig(threads=1),
+            GRPO(kl_coef=0.0, aggregation="token_mean"),
+            SEED,
+            TP2,
+        )
         with torch.no_grad():
             logits = backend.model(input_ids, position_ids, causal_mask(9))
         logits = gather_from_tensor_model_parallel_region(logits)
@@ -150,7 +156,7 @@ def _step_on_ranks(
     model_dir: str,
     layout: MegatronLayout,
     trainer: TrainerConfig,
-    grpo: GRPOConfig,
+    grpo: GRPO,
     samples: list[TrainSample],
     rank: int,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -168,7 +174,7 @@ def _steps_with_checkpoint(
     model_dir: str,
     layout: MegatronLayout,
     trainer: TrainerConfig,
-    grpo: GRPOConfig,
+    grpo: GRPO,
     samples: list[TrainSample],
     out: str,
     rank: int,
@@ -188,7 +194,7 @@ def _resume_and_step(
     model_dir: str,
     layout: MegatronLayout,
     trainer: TrainerConfig,
-    grpo: GRPOConfig,
+    grpo: GRPO,
     samples: list[TrainSample],
     out: str,
     target: str,
@@ -270,7 +276,7 @@ def test_tp2_model_gives_hf_logits_and_saves_the_same_checkpoint(
 
 @pytest.mark.parametrize(
     ("layout", "aggregation"),
-    [(TP2, "token"), (DP2, "sequence"), (PP2, "token")],
+    [(TP2, "token_mean"), (DP2, "seq_mean_token_mean"), (PP2, "token_mean")],
     ids=["tp2", "dp2", "pp2"],
 )
 def test_grpo_step_equals_torch_trainer(
@@ -281,7 +287,7 @@ def test_grpo_step_equals_torch_trainer(
     # A clip below the gradient norm so the global norm over shards matters; a KL term and
     # engine logprobs so the reference model and ratios != 1 are exercised.
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-3, grad_clip=0.05)
-    grpo = GRPOConfig(kl_coef=0.1, old_logprobs="engine", loss_aggregation=aggregation)
+    grpo = GRPO(kl_coef=0.1, old_logprobs="engine", aggregation=aggregation)
     samples = make_samples()
 
     reference = TorchTrainer(llama_dir, trainer, grpo, SEED)
@@ -301,7 +307,7 @@ def test_grpo_step_equals_torch_trainer(
 
 def test_resume_from_state_continues_bit_for_bit(llama_dir: str, tmp_path: Path) -> None:
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
-    grpo = GRPOConfig(kl_coef=0.1, old_logprobs="engine")
+    grpo = GRPO(kl_coef=0.1, old_logprobs="engine", aggregation="token_mean")
     args = (llama_dir, TP2, trainer, grpo, make_samples(), str(tmp_path))
     state_sha, metrics, final_sha = run_ranks(
         functools.partial(_steps_with_checkpoint, *args), TP2
@@ -319,7 +325,7 @@ def test_resume_from_state_continues_bit_for_bit(llama_dir: str, tmp_path: Path)
 def test_resume_under_another_layout(llama_dir: str, tmp_path: Path) -> None:
     """A TP=2 checkpoint resumed by a 2-stage pipeline: dist_checkpointing reshards it."""
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
-    grpo = GRPOConfig(kl_coef=0.1, old_logprobs="engine")
+    grpo = GRPO(kl_coef=0.1, old_logprobs="engine", aggregation="token_mean")
     samples = make_samples()
     args = (llama_dir, TP2, trainer, grpo, samples, str(tmp_path))
     _, metrics, _ = run_ranks(functools.partial(_steps_with_checkpoint, *args), TP2)[0]
@@ -338,7 +344,7 @@ def test_ray_group_runs_a_step(ray_cluster: str, llama_dir: str, tmp_path: Path)
     from miles.trainer.megatron.ray_group import MegatronRayGroup
 
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-3)
-    grpo = GRPOConfig()
+    grpo = GRPO(kl_coef=0.0, aggregation="token_mean")
     samples = make_samples()
     expected = TorchTrainer(llama_dir, trainer, grpo, SEED).train_step(samples)
     group = MegatronRayGroup(llama_dir, trainer, grpo, SEED, TP2)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from miles.algo.batching import BAD_INPUT, FILTER_REASONS, batch_id, filter_reason, make_batch
-from miles.config import BufferConfig, GRPOConfig
+from miles.config import GRPO, BufferConfig, DrGRPO
 from miles.events import Sample, ScoredGroup
 
 EPS = 1e-6  # group_advantages' default, added to the std
@@ -77,7 +77,7 @@ def test_make_batch_advantages_by_hand() -> None:
     #          variance (4 + 1 + 1) / 3 = 2, std sqrt(2) -> [2, -1, -1] / (sqrt(2) + eps)
     a = _group("a", [1, 0], version=2)
     b = _group("b", [3, 0, 0, 9], version=1, failed=(3,))
-    batch = make_batch("r", [a, b], GRPOConfig(scale_by_std=True))
+    batch = make_batch("r", [a, b], GRPO(std="population"), 4)
     half = 0.5 / (0.5 + EPS)
     root2 = math.sqrt(2) + EPS
     assert [s.sample_id for s in batch.samples] == ["a/0", "a/1", "b/0", "b/1", "b/2"]
@@ -94,14 +94,19 @@ def test_make_batch_advantages_by_hand() -> None:
 
 def test_make_batch_dr_grpo_keeps_only_the_centring() -> None:
     # [3, 0, 0]: mean 1 -> [2, -1, -1], not divided by the std (Dr.GRPO)
-    batch = make_batch("r", [_group("b", [3, 0, 0])], GRPOConfig(scale_by_std=False))
+    batch = make_batch("r", [_group("b", [3, 0, 0])], DrGRPO(), 4)
     assert [s.advantage for s in batch.samples] == pytest.approx([2, -1, -1])
 
 
 def test_batch_id_is_stable_under_reordering() -> None:
     a, b = _group("a", [1, 0]), _group("b", [0, 1])
-    forward = make_batch("r", [a, b], GRPOConfig())
-    backward = make_batch("r", [b, a], GRPOConfig())
+    forward = make_batch("r", [a, b], GRPO(kl_coef=0.0, aggregation="token_mean"), 4)
+    backward = make_batch("r", [b, a], GRPO(kl_coef=0.0, aggregation="token_mean"), 4)
     assert forward.batch_id == backward.batch_id == batch_id(["b", "a"])
     assert forward.batch_id.startswith("b-")
-    assert make_batch("r", [a, _group("c", [0, 1])], GRPOConfig()).batch_id != forward.batch_id
+    assert (
+        make_batch(
+            "r", [a, _group("c", [0, 1])], GRPO(kl_coef=0.0, aggregation="token_mean"), 4
+        ).batch_id
+        != forward.batch_id
+    )

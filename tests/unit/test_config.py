@@ -70,7 +70,7 @@ def test_defaults_without_base_or_toml() -> None:
 
 
 def test_override_creates_nested_sections() -> None:
-    assert load_config(overrides=["grpo.eps_high=0.28"]).grpo.eps_high == 0.28
+    assert load_config(overrides=["algorithm.eps_high=0.28"]).algorithm.eps_high == 0.28
 
 
 @pytest.mark.parametrize(

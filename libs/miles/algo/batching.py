@@ -7,9 +7,10 @@ import math
 
 import torch
 
-from miles.algo.grpo import group_advantages
-from miles.config import BufferConfig, GRPOConfig
-from miles.events import Batch, ScoredGroup, TrainSample
+from miles.algo.advantages import batch_whitened, group_normalized, leave_one_out
+from miles.algo.shaping import overlong_penalty
+from miles.config import DAPO, Algorithm, BufferConfig
+from miles.events import Batch, Sample, ScoredGroup, TrainSample
 
 FILTER_REASONS = ("failed", "non_finite_reward", "future_version", "stale", "zero_variance")
 """Every reason ``filter_reason`` gives."""
@@ -44,26 +45,68 @@ def dispatch_order(task_id: str) -> tuple[int, str]:
     return len(task_id), task_id
 
 
-def make_batch(run_id: str, groups: list[ScoredGroup], grpo: GRPOConfig) -> Batch:
+def shaped_reward(sample: Sample, algorithm: Algorithm, max_new_tokens: int) -> float:
+    """The reward the advantage sees: the scorer's, plus DAPO's overlong punishment."""
+    if not isinstance(algorithm, DAPO):
+        return sample.reward
+    cache = round(algorithm.overlong_cache * max_new_tokens)
+    length = len(sample.response_ids)
+    return sample.reward + overlong_penalty(
+        length, max_new_tokens, cache, algorithm.overlong_penalty
+    )
+
+
+def advantages(
+    groups: list[list[Sample]], algorithm: Algorithm, max_new_tokens: int
+) -> list[list[float]]:
+    """One advantage per sample, by the estimator the algorithm names (``miles.algo.advantages``).
+
+    Groups may differ in size (failed samples are left out), so the group estimators run one
+    group at a time, in float64.
+    """
+    rewards = [
+        torch.tensor(
+            [shaped_reward(s, algorithm, max_new_tokens) for s in group], dtype=torch.float64
+        )
+        for group in groups
+    ]
+    if algorithm.advantage == "group":
+        return [group_normalized(r[None], algorithm.std)[0].tolist() for r in rewards]
+    if algorithm.advantage == "rloo":
+        return [leave_one_out(r[None])[0].tolist() for r in rewards]
+    flat = torch.cat(rewards)
+    lengths = torch.tensor([len(s.response_ids) for group in groups for s in group])
+    baseline = getattr(algorithm, "baseline", True)
+    means = torch.cat([r.mean().expand_as(r) for r in rewards]) if baseline else None
+    whitened = batch_whitened(flat, lengths, means).tolist()
+    out, start = [], 0
+    for group in groups:
+        out.append(whitened[start : start + len(group)])
+        start += len(group)
+    return out
+
+
+def make_batch(
+    run_id: str, groups: list[ScoredGroup], algorithm: Algorithm, max_new_tokens: int
+) -> Batch:
     """A batch in canonical order: the same groups make the same batch, bit for bit."""
     groups = sorted(groups, key=lambda group: dispatch_order(group.task_id))
-    samples: list[TrainSample] = []
-    for group in groups:
-        valid = [s for s in group.samples if not s.failed]
-        rewards = torch.tensor([[s.reward for s in valid]], dtype=torch.float64)
-        advantages = group_advantages(rewards, scale_by_std=grpo.scale_by_std)[0].tolist()
-        samples += [
-            TrainSample(
-                sample_id=s.sample_id,
-                prompt_ids=s.prompt_ids,
-                response_ids=s.response_ids,
-                response_logprobs=s.response_logprobs,
-                advantage=float(advantage),
-                reward=s.reward,
-                policy_version=s.policy_version_first,
-            )
-            for s, advantage in zip(valid, advantages, strict=True)
-        ]
+    valid = [[s for s in group.samples if not s.failed] for group in groups]
+    samples: list[TrainSample] = [
+        TrainSample(
+            sample_id=s.sample_id,
+            prompt_ids=s.prompt_ids,
+            response_ids=s.response_ids,
+            response_logprobs=s.response_logprobs,
+            advantage=float(advantage),
+            reward=s.reward,
+            policy_version=s.policy_version_first,
+        )
+        for group, group_advantages in zip(
+            valid, advantages(valid, algorithm, max_new_tokens), strict=True
+        )
+        for s, advantage in zip(group, group_advantages, strict=True)
+    ]
     task_ids = [g.task_id for g in groups]
     return Batch(
         run_id=run_id,

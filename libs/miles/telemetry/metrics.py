@@ -26,6 +26,11 @@ Learning signals
 - ``miles_groups_filtered_total{reason}``: groups dropped (zero_variance, stale, failed, ...).
 - ``miles_train_loss``, ``miles_train_kl``, ``miles_train_entropy``, ``miles_train_grad_norm``:
   the last step's loss, KL to the reference, token entropy and gradient norm.
+- ``miles_train_clip_fraction``: share of tokens whose ratio the clip bit in the last step.
+- ``miles_train_mismatch_kl``, ``miles_train_mismatch_weight_mean``,
+  ``miles_train_mismatch_weight_max``, ``miles_train_mismatch_masked_ratio``: the train/inference
+  mismatch of the last step (k3 KL between the trainer's and the engine's logprobs, the mean and
+  largest ratio pi_trainer / pi_engine, the share of tokens masked importance sampling dropped).
 
 Off-policy lag
 - ``miles_sample_staleness``: histogram of trainer version minus a sample's policy version.
@@ -120,6 +125,16 @@ class LazyGauge:
         self._family.labels().inc(amount)
 
 
+TRAIN_SIGNALS = (
+    ("clip_frac", "clip_fraction", "share of tokens the clip bit in the last step"),
+    ("mismatch_kl", "mismatch_kl", "k3 KL between trainer and engine logprobs, last step"),
+    ("mismatch_ratio_mean", "mismatch_weight_mean", "mean pi_trainer / pi_engine, last step"),
+    ("mismatch_ratio_max", "mismatch_weight_max", "largest pi_trainer / pi_engine, last step"),
+    ("mismatch_masked", "mismatch_masked_ratio", "share of tokens MIS dropped, last step"),
+)
+"""Step metrics exported as gauges: (StepMetrics key, metric name without prefix, help)."""
+
+
 class Metrics:
     """Every metric of one process, registered in ``registry`` (never the global one)."""
 
@@ -175,6 +190,10 @@ class Metrics:
         self.train_kl = self._gauge("miles_train_kl", "last step's KL to the reference")
         self.train_entropy = self._gauge("miles_train_entropy", "last step's entropy")
         self.train_grad_norm = self._gauge("miles_train_grad_norm", "last step's gradient norm")
+        self.train_signals = {
+            key: self._gauge(f"miles_train_{name}", help_text)
+            for key, name, help_text in TRAIN_SIGNALS
+        }
 
         # Off-policy lag
         self.sample_staleness = self._one(

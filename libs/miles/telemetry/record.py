@@ -119,7 +119,10 @@ def trained(
     for name, gauge in (("kl", metrics.train_kl), ("grad_norm", metrics.train_grad_norm)):
         if name in result:
             gauge.set(result[name])
-    metrics.train_entropy.set(entropy_estimate(samples))
+    metrics.train_entropy.set(result.get("entropy") or entropy_estimate(samples))
+    for key, gauge in metrics.train_signals.items():
+        if key in result:
+            gauge.set(result[key])
     for sample in samples:
         metrics.sample_staleness.observe(version - sample.policy_version)
     walls: dict[Phase, float] = {phase: result.get(key, 0.0) for key, phase in TRAIN_PHASES}

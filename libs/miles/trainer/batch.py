@@ -3,19 +3,21 @@
 Layout, for a sample with ``P`` prompt and ``R`` response tokens, right-padded to ``T``:
 ``input_ids[:P + R] = prompt_ids + response_ids``. Position ``t`` of the ``[N, T - 1]`` tensors
 scores ``input_ids[t + 1]`` given ``input_ids[:t + 1]``, so the response occupies positions
-``P - 1 .. P + R - 2``; ``loss_mask`` is 1 exactly there and ``old_logprobs`` holds the engine's
+``P - 1 .. P + R - 2``; ``loss_mask`` is 1 exactly there and ``engine_logprobs`` holds the engine's
 ``response_logprobs`` there. Right padding keeps real tokens at positions ``0 .. P + R - 1``, so a
 causal model sees the same prefix and position ids as the engine did.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from miles.algo import entropy_from_logits
 from miles.events import TrainSample
 
 
@@ -27,17 +29,47 @@ class TensorBatch:
     """[N, T] int64, 1 on real tokens."""
     loss_mask: Tensor
     """[N, T - 1] float32, 1 where the next token is a response token."""
-    old_logprobs: Tensor
-    """[N, T - 1] float32, behaviour-policy log p of the next token where ``loss_mask`` is 1."""
+    engine_logprobs: Tensor
+    """[N, T - 1] float32, the sampling engine's log p of the next token where ``loss_mask``
+    is 1: the behaviour policy."""
     advantages: Tensor
     """[N] float32, one per sample."""
+    trainer_logprobs: Tensor | None = None
+    """[N, T - 1] float32, the trainer's log p before the batch's first update, when it takes
+    several (``algorithm.ppo_epochs`` or ``mini_batches`` > 1): pi_old of every update."""
 
     @property
     def num_samples(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> TensorBatch:
-        return TensorBatch(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self)))
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+    def map(self, function: Callable[[Tensor], Tensor]) -> TensorBatch:
+        """Apply ``function`` to every tensor (``trainer_logprobs`` when present)."""
+        trainer = self.trainer_logprobs
+        return TensorBatch(
+            input_ids=function(self.input_ids),
+            attention_mask=function(self.attention_mask),
+            loss_mask=function(self.loss_mask),
+            engine_logprobs=function(self.engine_logprobs),
+            advantages=function(self.advantages),
+            trainer_logprobs=None if trainer is None else function(trainer),
+        )
+
+    def rows(self, rows: slice, width: int | None = None) -> TensorBatch:
+        """Samples ``rows``, trimmed to ``width`` tokens: ``[N, T]`` tensors to ``width``,
+        ``[N, T - 1]`` ones to ``width - 1``, ``[N]`` ones only sliced."""
+        end = None if width is None else width - 1
+        trainer = self.trainer_logprobs
+        return TensorBatch(
+            input_ids=self.input_ids[rows, :width],
+            attention_mask=self.attention_mask[rows, :width],
+            loss_mask=self.loss_mask[rows, :end],
+            engine_logprobs=self.engine_logprobs[rows, :end],
+            advantages=self.advantages[rows],
+            trainer_logprobs=None if trainer is None else trainer[rows, :end],
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -51,15 +83,15 @@ def collate(samples: list[TrainSample], pad_id: int) -> TensorBatch:
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     loss_mask = torch.zeros((n, width - 1), dtype=torch.float32)
-    old_logprobs = torch.zeros((n, width - 1), dtype=torch.float32)
+    engine_logprobs = torch.zeros((n, width - 1), dtype=torch.float32)
     for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
         start = len(sample.prompt_ids) - 1  # the position whose next token is response token 0
         input_ids[row, :length] = torch.tensor(sample.prompt_ids + sample.response_ids)
         attention_mask[row, :length] = 1
         loss_mask[row, start : length - 1] = 1.0
-        old_logprobs[row, start : length - 1] = torch.tensor(sample.response_logprobs)
+        engine_logprobs[row, start : length - 1] = torch.tensor(sample.response_logprobs)
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    return TensorBatch(input_ids, attention_mask, loss_mask, old_logprobs, advantages)
+    return TensorBatch(input_ids, attention_mask, loss_mask, engine_logprobs, advantages)
 
 
 def split(batch: TensorBatch, micro_batch_size: int) -> list[TensorBatch]:
@@ -68,27 +100,34 @@ def split(batch: TensorBatch, micro_batch_size: int) -> list[TensorBatch]:
     for start in range(0, batch.num_samples, micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         width = int(batch.attention_mask[rows].sum(dim=-1).max().item())
-        chunks.append(
-            TensorBatch(
-                input_ids=batch.input_ids[rows, :width],
-                attention_mask=batch.attention_mask[rows, :width],
-                loss_mask=batch.loss_mask[rows, : width - 1],
-                old_logprobs=batch.old_logprobs[rows, : width - 1],
-                advantages=batch.advantages[rows],
-            )
-        )
+        chunks.append(batch.rows(rows, width))
     return chunks
 
 
+def parts(batch: TensorBatch, count: int) -> list[TensorBatch]:
+    """``count`` consecutive parts of nearly equal size (PPO's mini-batches), in order: the
+    same batch always splits the same way, so a resumed step repeats it bit for bit."""
+    n = batch.num_samples
+    bounds = [n * i // count for i in range(count + 1)]
+    return [batch.rows(slice(a, b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
 def token_logprobs(model: nn.Module, batch: TensorBatch) -> Tensor:
-    """``[N, T - 1]`` float32: log p(input_ids[:, t + 1] | input_ids[:, :t + 1]) under ``model``.
+    """``[N, T - 1]`` float32: log p(input_ids[:, t + 1] | input_ids[:, :t + 1]) under ``model``."""
+    return token_logprobs_and_entropy(model, batch, entropy=False)[0]
+
+
+def token_logprobs_and_entropy(
+    model: nn.Module, batch: TensorBatch, entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The logprobs of ``token_logprobs`` and, when asked, the policy's entropy at each position.
 
     ``log_softmax(x)[y] = x[y] - logsumexp(x)``: gathering the target logit and subtracting the
     logsumexp gives the same number as ``log_softmax(...).gather(...)`` without keeping a second
-    ``[N, T, V]`` tensor of log-probabilities alive for backward.
+    ``[N, T, V]`` tensor of log-probabilities alive for backward (the entropy needs it).
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits[:, :-1].float()  # fp32 softmax even when the forward ran in bf16
     targets = batch.input_ids[:, 1:].unsqueeze(-1)
     logprobs: Tensor = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return logprobs
+    return logprobs, entropy_from_logits(logits) if entropy else None

@@ -34,12 +34,23 @@ class StepMetrics(Mapping[str, float]):
 
     loss: float
     kl: float | None = None
-    """The KL estimate to the reference policy (0 when ``grpo.kl_coef`` is 0)."""
+    """The KL estimate to the reference policy (0 when ``algorithm.kl_coef`` is 0)."""
+    entropy: float | None = None
+    """The policy's entropy on the response (0 unless ``algorithm.entropy_coef`` > 0)."""
     clip_frac: float | None = None
     """Share of response tokens whose ratio was clipped."""
     ratio_mean: float | None = None
     engine_gap: float | None = None
     """Mean |trainer - engine| logprob per token: the train/inference mismatch."""
+    mismatch_kl: float | None = None
+    """k3 estimate of KL between the trainer's pre-update and the engine's logprobs."""
+    mismatch_ratio_mean: float | None = None
+    mismatch_ratio_max: float | None = None
+    """Mean and largest pi_trainer / pi_engine (per token, or per sequence at that level)."""
+    mismatch_masked: float | None = None
+    """Share of response tokens masked importance sampling dropped."""
+    optimizer_steps: float | None = None
+    """Optimizer steps the batch took: ppo_epochs * mini_batches."""
     grad_norm: float | None = None
     """The global gradient norm before clipping."""
     tokens: float | None = None
@@ -85,6 +96,12 @@ class StepMetrics(Mapping[str, float]):
             "clip_frac": self.clip_frac,
             "ratio_mean": self.ratio_mean,
             "engine_gap": self.engine_gap,
+            "entropy": self.entropy,
+            "mismatch_kl": self.mismatch_kl,
+            "mismatch_ratio_mean": self.mismatch_ratio_mean,
+            "mismatch_ratio_max": self.mismatch_ratio_max,
+            "mismatch_masked": self.mismatch_masked,
+            "optimizer_steps": self.optimizer_steps,
             "grad_norm": self.grad_norm,
             "tokens": self.tokens,
             "seconds_forward_backward": self.seconds_forward_backward,
@@ -107,8 +124,9 @@ class TrainerBackend(Protocol):
         ...
 
     def train_step(self, samples: list[TrainSample]) -> StepMetrics:
-        """One optimizer step on ``samples``. The built-in step reports every named field of
-        ``StepMetrics`` except ``cpu_seconds``."""
+        """One batch: ``algorithm.ppo_epochs * mini_batches`` optimizer steps on ``samples``.
+        The built-in step reports every named field of ``StepMetrics`` except ``cpu_seconds``
+        (and ``optimizer_steps`` and ``entropy`` where a backend takes one step per batch)."""
         ...
 
     def save_weights(self, directory: str) -> str:

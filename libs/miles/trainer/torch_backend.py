@@ -1,9 +1,10 @@
 """The plain-PyTorch training backend: one process, one HF causal LM, AdamW, on CPU.
 
-One ``train_step`` is one on-policy GRPO update (Shao et al. 2024, arXiv:2402.03300, eq. 3 with
-a single inner iteration): the behaviour logprobs come from the engine that sampled the batch,
-so the importance ratio starts at 1 and clipping only matters if trainer and engine disagree
-numerically or the batch is stale (``buffer.max_staleness > 0``).
+One ``train_step`` consumes one batch with the configured algorithm: ``ppo_epochs`` passes over
+it, each split into ``mini_batches`` optimizer steps, in a fixed order (PPO, Schulman et al.
+2017, arXiv:1707.06347, Algorithm 1: K epochs of minibatch SGD on the data of one iteration).
+With one update the ratio starts at 1; with several, pi_old is the trainer's policy before the
+first, computed in a forward pass over the batch up front.
 
 Precision: weights, gradients and AdamW moments are always fp32. ``dtype="bf16"`` runs the
 forward under CPU autocast to bf16 (matmuls in bf16, softmax and loss in fp32), which is the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -25,10 +27,25 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from miles.config import GRPOConfig, TrainerConfig
+from miles.algo import share
+from miles.config import Algorithm, TrainerConfig
 from miles.events import TrainSample
-from miles.trainer.batch import TensorBatch, collate, split, token_logprobs
-from miles.trainer.objective import MicroObjective, grpo_objective
+from miles.trainer.batch import (
+    TensorBatch,
+    collate,
+    parts,
+    split,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
+from miles.trainer.objective import (
+    METRICS,
+    MicroObjective,
+    combine,
+    measured,
+    policy_objective,
+    weighted_values,
+)
 from miles.trainer.protocol import StepMetrics
 
 UpdateFn = Callable[[nn.Module, TensorBatch, torch.optim.Optimizer], dict[str, float]]
@@ -51,14 +68,14 @@ class TorchTrainer:
         self,
         model_path: str,
         trainer: TrainerConfig,
-        grpo: GRPOConfig,
+        algorithm: Algorithm,
         seed: int,
         update_fn: UpdateFn | None = None,
     ) -> None:
         torch.set_num_threads(trainer.threads)
         torch.manual_seed(seed)
         self.trainer = trainer
-        self.grpo = grpo
+        self.algorithm = algorithm
         self.update_fn = update_fn
         self.device = torch.device(trainer.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -66,7 +83,7 @@ class TorchTrainer:
         # Eval mode switches dropout off: the ratio pi_theta / pi_old compares against an engine
         # that sampled without dropout. Gradients flow all the same.
         self.model.eval()
-        self.reference = _frozen_copy(self.model) if grpo.kl_coef > 0 else None
+        self.reference = _frozen_copy(self.model) if algorithm.kl_coef > 0 else None
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=trainer.lr,
@@ -79,19 +96,34 @@ class TorchTrainer:
         if self.update_fn is not None:
             return StepMetrics.from_mapping(self.update_fn(self.model, batch, self.optimizer))
 
-        self.optimizer.zero_grad(set_to_none=True)
         started = time.perf_counter()
-        metrics = self._accumulate_gradients(batch)
-        backward_done = time.perf_counter()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.trainer.grad_clip)
-        self.optimizer.step()
+        if self.algorithm.updates_per_batch > 1 and self.algorithm.old_logprobs == "trainer":
+            batch = self._with_trainer_logprobs(batch)
+        steps: list[dict[str, float]] = []
+        optimizer_seconds = 0.0
+        for _ in range(self.algorithm.ppo_epochs):
+            for part in parts(batch, self.algorithm.mini_batches):
+                self.optimizer.zero_grad(set_to_none=True)
+                metrics = self._accumulate_gradients(part)
+                step_started = time.perf_counter()
+                grad_norm = nn.utils.clip_grad_norm_(
+                    self.model.parameters(), self.trainer.grad_clip
+                )
+                self.optimizer.step()
+                optimizer_seconds += time.perf_counter() - step_started
+                steps.append({**metrics, "grad_norm": grad_norm.item()})
+        # The first update's statistics describe the batch as sampled (ratio 1 on-policy, the
+        # engine mismatch before any update); the loss and gradient norm are the means.
+        first = steps[0]
         return StepMetrics.from_mapping(
             {
-                **metrics,
-                "grad_norm": grad_norm.item(),
+                **first,
+                "loss": sum(s["loss"] for s in steps) / len(steps),
+                "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
                 "tokens": float(batch.num_tokens),
-                "seconds_forward_backward": backward_done - started,
-                "seconds_optimizer": time.perf_counter() - backward_done,
+                "optimizer_steps": float(len(steps)),
+                "seconds_forward_backward": time.perf_counter() - started - optimizer_seconds,
+                "seconds_optimizer": optimizer_seconds,
             }
         )
 
@@ -134,37 +166,52 @@ class TorchTrainer:
         raw = bytearray(base64.b64decode(encoded))
         torch.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
+    def _with_trainer_logprobs(self, batch: TensorBatch) -> TensorBatch:
+        """``batch`` with the trainer's logprobs before any update: pi_old of every update."""
+        with torch.no_grad(), self._autocast():
+            chunks = [
+                token_logprobs(self.model, micro)
+                for micro in split(batch, self.trainer.micro_batch_size)
+            ]
+        full = torch.zeros_like(batch.engine_logprobs)
+        start = 0
+        for chunk in chunks:
+            full[start : start + chunk.shape[0], : chunk.shape[1]] = chunk
+            start += chunk.shape[0]
+        return dataclasses.replace(batch, trainer_logprobs=full * batch.loss_mask)
+
     def _accumulate_gradients(self, batch: TensorBatch) -> dict[str, float]:
         """Backward over micro-batches so the summed gradient equals one full-batch backward.
 
-        Both aggregations are weighted means, so the full-batch loss is the sum of micro-batch
-        losses times their share: of response tokens for ``token`` aggregation, of samples for
-        ``sequence`` aggregation. Token-mean statistics are weighted by the token share.
+        Every aggregation is a weighted mean, so the full-batch loss is the sum of micro-batch
+        losses times their share (``miles.algo.share``): of response tokens for ``token_mean``,
+        of samples for the sequence means. Token-mean statistics are weighted by token share.
         """
-        totals = dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean", "engine_gap"), 0.0)
+        totals = [0.0] * len(METRICS)
         for micro in split(batch, self.trainer.micro_batch_size):
             token_share = micro.num_tokens / batch.num_tokens
-            if self.grpo.loss_aggregation == "token":
-                share = token_share
-            else:
-                share = micro.num_samples / batch.num_samples
+            weight = share(
+                self.algorithm.aggregation,
+                micro.num_tokens,
+                batch.num_tokens,
+                micro.num_samples,
+                batch.num_samples,
+            )
             objective = self._micro_batch_loss(micro)
-            (objective.loss * share).backward()
-            totals["loss"] += objective.loss.item() * share
-            totals["kl"] += objective.kl * share
-            totals["clip_frac"] += objective.stats.clip_fraction * token_share
-            totals["ratio_mean"] += objective.stats.ratio_mean * token_share
-            totals["engine_gap"] += objective.engine_gap * token_share
-        return totals
+            (objective.loss * weight).backward()
+            totals = combine(totals, weighted_values(objective, weight, token_share))
+        return measured(dict(zip(METRICS, totals, strict=True)), self.algorithm)
 
     def _micro_batch_loss(self, micro: TensorBatch) -> MicroObjective:
         with self._autocast():
-            logprobs = token_logprobs(self.model, micro)
+            logprobs, entropy = token_logprobs_and_entropy(
+                self.model, micro, entropy=self.algorithm.entropy_coef > 0
+            )
         ref_logprobs = None
         if self.reference is not None:  # kept only when kl_coef > 0
             with torch.no_grad(), self._autocast():
                 ref_logprobs = token_logprobs(self.reference, micro)
-        return grpo_objective(logprobs, ref_logprobs, micro, self.grpo)
+        return policy_objective(logprobs, ref_logprobs, entropy, micro, self.algorithm)
 
     def _autocast(self) -> AbstractContextManager[None]:
         return torch.autocast(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from miles.config import GRPOConfig, TrainerConfig
+from miles.config import GRPO, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer import TensorBatch, TorchTrainer, collate, split, token_logprobs
 
@@ -32,9 +32,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def _trainer(model_dir: str, grpo: GRPOConfig | None = None, **trainer: object) -> TorchTrainer:
+def _trainer(model_dir: str, grpo: GRPO | None = None, **trainer: object) -> TorchTrainer:
     config = TrainerConfig.model_validate({"threads": 1, **trainer})
-    return TorchTrainer(model_dir, config, grpo or GRPOConfig(), seed=0)
+    return TorchTrainer(
+        model_dir, config, grpo or GRPO(kl_coef=0.0, aggregation="token_mean"), seed=0
+    )
 
 
 def _sample(
@@ -90,7 +92,7 @@ def test_collate_aligns_next_token_positions() -> None:
     # position t scores input_ids[t + 1]: response token 4 sits at index 3, scored at t = 2
     assert batch.loss_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
     expected_logprobs = torch.tensor([[0, 0, -0.1, -0.2], [-0.3, -0.4, -0.5, 0]])
-    torch.testing.assert_close(batch.old_logprobs, expected_logprobs)
+    torch.testing.assert_close(batch.engine_logprobs, expected_logprobs)
     assert batch.advantages.tolist() == [1.0, -2.0]
     assert (batch.num_samples, batch.num_tokens) == (2, 5)
 
@@ -118,13 +120,13 @@ def test_token_logprobs_equal_log_softmax_gather(model_dir: str) -> None:
 @pytest.mark.parametrize(
     "grpo",
     [
-        GRPOConfig(loss_aggregation="token", eps_high=0.28),
-        GRPOConfig(loss_aggregation="sequence"),
-        GRPOConfig(loss_aggregation="token", kl_coef=0.1, kl_estimator="k3"),
+        GRPO(aggregation="token_mean", eps_high=0.28, kl_coef=0.0),
+        GRPO(aggregation="seq_mean_token_mean", kl_coef=0.0),
+        GRPO(aggregation="token_mean", kl_coef=0.1, kl_estimator="k3"),
     ],
     ids=["token", "sequence", "token-kl"],
 )
-def test_micro_batches_equal_one_full_batch(model_dir: str, grpo: GRPOConfig) -> None:
+def test_micro_batches_equal_one_full_batch(model_dir: str, grpo: GRPO) -> None:
     full = _trainer(model_dir, grpo, micro_batch_size=5, lr=1e-3)
     micro = _trainer(model_dir, grpo, micro_batch_size=2, lr=1e-3)
     # off-policy logprobs so that some tokens are clipped
@@ -175,7 +177,7 @@ def test_positive_advantage_raises_its_logprob(model_dir: str) -> None:
 
 def test_kl_is_zero_on_the_first_step_against_the_initial_policy(model_dir: str) -> None:
     assert _trainer(model_dir).reference is None
-    trainer = _trainer(model_dir, GRPOConfig(kl_coef=0.5))
+    trainer = _trainer(model_dir, GRPO(kl_coef=0.5, aggregation="token_mean"))
     metrics = trainer.train_step(_with_policy_logprobs(trainer, MIXED))
     assert trainer.reference is not None
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-7)
@@ -213,7 +215,9 @@ def test_update_fn_replaces_the_builtin_step(model_dir: str) -> None:
         return {"loss": 0.5}
 
     config = TrainerConfig(threads=1)
-    trainer = TorchTrainer(model_dir, config, GRPOConfig(), seed=0, update_fn=update_fn)
+    trainer = TorchTrainer(
+        model_dir, config, GRPO(kl_coef=0.0, aggregation="token_mean"), seed=0, update_fn=update_fn
+    )
     before = [p.detach().clone() for p in trainer.model.parameters()]
 
     assert trainer.train_step(MIXED) == {"loss": 0.5}

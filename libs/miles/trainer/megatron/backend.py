@@ -7,9 +7,10 @@ the whole batch. A step:
 1. collates the batch exactly as TorchTrainer does, gives data-parallel replica ``r`` its
    ``r``-th contiguous block of samples, and splits that block into micro-batches;
 2. runs Megatron's pipeline schedule (``get_forward_backward_func``: no pipelining, or 1F1B
-   across stages) with GRPO's loss on the last stage, each micro-batch's loss weighted by its
-   share of the *whole* batch, so the gradients summed over micro-batches and replicas are the
-   full-batch gradient (``TorchTrainer._accumulate_gradients`` does the same over micro-batches);
+   across stages) with the algorithm's loss on the last stage, each micro-batch's loss weighted
+   by its share of the *whole* batch, so the gradients summed over micro-batches and replicas
+   are the full-batch gradient (``TorchTrainer._accumulate_gradients`` does the same over
+   micro-batches);
 3. sums gradients over data parallelism, clips by the global norm, steps AdamW.
 
 Precision: fp32 weights, gradients, moments and compute. ``dtype="bf16"`` is refused: CPU
@@ -37,13 +38,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 from transformers import AutoConfig
 
-from miles.config import GRPOConfig, TrainerConfig
+from miles.config import Algorithm, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.batch import TensorBatch, collate, split
 from miles.trainer.megatron import checkpoint, distributed, hf_io
 from miles.trainer.megatron.architecture import Architecture
-from miles.trainer.megatron.loss import METRICS, grpo_micro_batch_loss, vocab_parallel_logprobs
+from miles.trainer.megatron.loss import METRICS, policy_micro_batch_loss, vocab_parallel_logprobs
 from miles.trainer.megatron.model import MegatronLayout, build_gpt_model
+from miles.trainer.objective import MAX_METRICS, measured
 from miles.trainer.protocol import StepMetrics
 
 PAD_ID = 0
@@ -57,7 +59,7 @@ class MegatronTrainer:
         self,
         model_path: str,
         trainer: TrainerConfig,
-        grpo: GRPOConfig,
+        algorithm: Algorithm,
         seed: int,
         layout: MegatronLayout,
     ) -> None:
@@ -68,13 +70,13 @@ class MegatronTrainer:
         torch.set_num_threads(trainer.threads)
         torch.manual_seed(seed)
         self.trainer = trainer
-        self.grpo = grpo
+        self.algorithm = algorithm
         self.layout = layout
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.arch = Architecture.from_hf(self.hf_config)
         self.arch.check_tensor_parallel(layout.tensor_parallel)
         self.model = self._load_model(model_path)
-        self.reference = self._load_model(model_path) if grpo.kl_coef > 0 else None
+        self.reference = self._load_model(model_path) if algorithm.kl_coef > 0 else None
         if self.reference is not None:
             self.reference.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
@@ -101,7 +103,7 @@ class MegatronTrainer:
         totals = self._sum_over_batch([out for out in outputs if isinstance(out, Tensor)])
         return StepMetrics.from_mapping(
             {
-                **dict(zip(METRICS, totals.tolist(), strict=True)),
+                **measured(dict(zip(METRICS, totals.tolist(), strict=True)), self.algorithm),
                 "grad_norm": grad_norm,
                 "tokens": float(batch.num_tokens),
                 "seconds_forward_backward": backward_done - started,
@@ -155,13 +157,7 @@ class MegatronTrainer:
         rows = slice(
             batch.num_samples * replica // replicas, batch.num_samples * (replica + 1) // replicas
         )
-        return TensorBatch(
-            input_ids=batch.input_ids[rows],
-            attention_mask=batch.attention_mask[rows],
-            loss_mask=batch.loss_mask[rows],
-            old_logprobs=batch.old_logprobs[rows],
-            advantages=batch.advantages[rows],
-        )
+        return batch.rows(rows)
 
     def _reference_logprobs(self, micros: list[TensorBatch]) -> list[Tensor] | None:
         """pi_ref's logprobs per micro-batch on the last stage (a forward-only schedule)."""
@@ -224,7 +220,7 @@ class MegatronTrainer:
         tokens = torch.tensor(micro.num_tokens, dtype=torch.int)
         if batch is None:
             return logprobs.sum() * 0.0, tokens, logprobs.detach()
-        result = grpo_micro_batch_loss(logprobs, ref_logprobs, micro, batch, self.grpo)
+        result = policy_micro_batch_loss(logprobs, ref_logprobs, micro, batch, self.algorithm)
         return result.loss, tokens, result.weighted
 
     def _sum_over_batch(self, weighted: list[Tensor]) -> Tensor:
@@ -234,10 +230,16 @@ class MegatronTrainer:
         tensor-parallel rank computes the same loss.
         """
         totals = torch.zeros(len(METRICS), dtype=torch.float64)
+        maxima = torch.zeros(len(METRICS), dtype=torch.float64)
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             for values in weighted:
                 totals += values
+                maxima = torch.maximum(maxima, values)
         dist.all_reduce(totals)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        for index, name in enumerate(METRICS):
+            if name in MAX_METRICS:
+                totals[index] = maxima[index]
         return totals
 
     def _tied_embedding_copy(self) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""GRPO's micro-batch loss on vocab-parallel logits, term for term TorchTrainer's.
+"""The algorithm's micro-batch loss on vocab-parallel logits, term for term TorchTrainer's.
 
 With tensor parallelism each rank holds the logits of ``V / tp`` vocabulary entries.
 ``tensor_parallel.vocab_parallel_cross_entropy`` returns ``logsumexp(all logits) - logit[target]``
@@ -6,7 +6,7 @@ with the max and the sum all-reduced over the tensor-parallel group, i.e. ``-log
 its backward is the exact softmax gradient of each rank's slice; the full ``[N, T, V]`` logits are
 never gathered.
 
-The loss itself is ``miles.trainer.objective.grpo_objective``, the torch backend's too.
+The loss itself is ``miles.trainer.objective.policy_objective``, the torch backend's too.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import torch
 from megatron.core import tensor_parallel
 from torch import Tensor
 
-from miles.config import GRPOConfig
+from miles.algo import share
+from miles.config import Algorithm
 from miles.trainer.batch import TensorBatch
-from miles.trainer.objective import grpo_objective
+from miles.trainer.objective import METRICS, policy_objective, weighted_values
 
-METRICS = ("loss", "kl", "clip_frac", "ratio_mean", "engine_gap")
-"""Per-step statistics the loss accumulates, in this order in ``MicroBatchLoss.weighted``."""
+__all__ = ["METRICS", "MicroBatchLoss", "policy_micro_batch_loss", "vocab_parallel_logprobs"]
 
 
 def vocab_parallel_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
@@ -38,32 +38,26 @@ class MicroBatchLoss:
     loss: Tensor
     """The micro-batch loss times its share of the batch: backward of the sum is the batch's."""
     weighted: Tensor
-    """``METRICS`` as float64, each times its share, so summing over micro-batches and ranks
-    gives the batch value (token-mean statistics are weighted by the token share)."""
+    """``METRICS`` as float64 (``objective.weighted_values``): summed over micro-batches and
+    ranks they give the batch's values, ``MAX_METRICS`` combined by max instead."""
 
 
-def grpo_micro_batch_loss(
+def policy_micro_batch_loss(
     logprobs: Tensor,
     ref_logprobs: Tensor | None,
     micro: TensorBatch,
     batch: TensorBatch,
-    grpo: GRPOConfig,
+    algorithm: Algorithm,
 ) -> MicroBatchLoss:
     """``micro`` is one micro-batch of ``batch``; shares are of the whole batch (every rank)."""
     token_share = micro.num_tokens / batch.num_tokens
-    if grpo.loss_aggregation == "token":
-        share = token_share
-    else:
-        share = micro.num_samples / batch.num_samples
-    objective = grpo_objective(logprobs, ref_logprobs, micro, grpo)
-    weighted = torch.tensor(
-        [
-            objective.loss.item() * share,
-            objective.kl * share,
-            objective.stats.clip_fraction * token_share,
-            objective.stats.ratio_mean * token_share,
-            objective.engine_gap * token_share,
-        ],
-        dtype=torch.float64,
+    weight = share(
+        algorithm.aggregation,
+        micro.num_tokens,
+        batch.num_tokens,
+        micro.num_samples,
+        batch.num_samples,
     )
-    return MicroBatchLoss(loss=objective.loss * share, weighted=weighted)
+    objective = policy_objective(logprobs, ref_logprobs, None, micro, algorithm)
+    values = weighted_values(objective, weight, token_share)
+    return MicroBatchLoss(objective.loss * weight, torch.tensor(values, dtype=torch.float64))

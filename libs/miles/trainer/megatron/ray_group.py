@@ -22,7 +22,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
-from miles.config import GRPOConfig, TrainerConfig
+from miles.config import Algorithm, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.megatron import distributed
 from miles.trainer.megatron.backend import MegatronTrainer
@@ -52,12 +52,12 @@ class MegatronRank:
         init_method: str,
         model_path: str,
         trainer: TrainerConfig,
-        grpo: GRPOConfig,
+        algorithm: Algorithm,
         seed: int,
         layout: MegatronLayout,
     ) -> None:
         distributed.initialize(rank, layout, init_method, seed)
-        self._backend = MegatronTrainer(model_path, trainer, grpo, seed, layout)
+        self._backend = MegatronTrainer(model_path, trainer, algorithm, seed, layout)
 
     @property
     def backend(self) -> MegatronTrainer:
@@ -101,7 +101,7 @@ class MegatronRayGroup:
         self,
         model_path: str,
         trainer: TrainerConfig,
-        grpo: GRPOConfig,
+        algorithm: Algorithm,
         seed: int,
         layout: MegatronLayout,
         cpus_per_rank: float = 1.0,
@@ -134,7 +134,7 @@ class MegatronRayGroup:
         init_method = ray.get(self.ranks[0].rendezvous_address.remote())
         ray.get(
             [
-                actor.start.remote(rank, init_method, model_path, trainer, grpo, seed, layout)
+                actor.start.remote(rank, init_method, model_path, trainer, algorithm, seed, layout)
                 for rank, actor in enumerate(self.ranks)
             ]
         )

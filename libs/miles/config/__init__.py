@@ -13,11 +13,45 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from miles.config.algorithm import (
+    ALGORITHMS,
+    CISPO,
+    DAPO,
+    GRPO,
+    GSPO,
+    RLOO,
+    Algorithm,
+    DrGRPO,
+    MismatchCorrection,
+    ReinforcePP,
+)
+from miles.config.section import Section as _Section
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = [
+    "ALGORITHMS",
+    "CISPO",
+    "DAPO",
+    "GRPO",
+    "GSPO",
+    "RLOO",
+    "Algorithm",
+    "BufferConfig",
+    "CoordinatorConfig",
+    "DataConfig",
+    "DrGRPO",
+    "InfraConfig",
+    "MilesConfig",
+    "MismatchCorrection",
+    "ModelConfig",
+    "ReinforcePP",
+    "RolloutConfig",
+    "RunConfig",
+    "TrainerConfig",
+    "apply_overrides",
+    "load_config",
+]
 
 
 class RunConfig(_Section):
@@ -114,32 +148,25 @@ class RolloutConfig(_Section):
         return 1
 
 
-class GRPOConfig(_Section):
-    """Group Relative Policy Optimization (Shao et al. 2024, arXiv:2402.03300)."""
-
-    eps_low: float = Field(0.2, ge=0, description="Lower clip of the importance ratio.")
-    eps_high: float = Field(0.2, ge=0, description="Upper clip (DAPO's clip-higher: 0.28).")
-    scale_by_std: bool = Field(True, description="False is Dr.GRPO (arXiv:2503.20783).")
-    loss_aggregation: Literal["token", "sequence"] = Field(
-        "token", description="token: mean over all tokens (DAPO); sequence: per-sample mean."
-    )
-    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference.")
-    kl_estimator: Literal["k1", "k3"] = Field("k3")
-    old_logprobs: Literal["auto", "trainer", "engine"] = Field(
-        "auto",
-        description="pi_old of the ratio. trainer: the trainer's own pre-update logprobs (as "
-        "verl recomputes them), exact on-policy and independent of how engines batched; "
-        "engine: the sampling engine's logprobs, which importance-correct stale samples. "
-        "auto: trainer when buffer.max_staleness is 0, else engine.",
-    )
-
-
 class BufferConfig(_Section):
     groups_per_batch: int = Field(8, ge=1, description="Prompt groups per optimizer step.")
     max_staleness: int = Field(
         0, ge=0, description="0 is strict on-policy; k lets rollout run k versions ahead."
     )
-    filter_zero_variance: bool = Field(True, description="Drop groups whose rewards are equal.")
+    filter_zero_variance: bool = Field(
+        True,
+        description="Drop groups whose rewards are all equal (DAPO's dynamic sampling, "
+        "arXiv:2503.14476 sec. 3.2): their advantages are 0, so they cost a step and teach "
+        "nothing; the coordinator dispatches replacements.",
+    )
+    max_filter_rounds: int | None = Field(
+        None,
+        ge=1,
+        description="DAPO's max_num_gen_batches: once this many batches' worth of groups were "
+        "dropped for zero variance since the last batch, such groups are kept (they train "
+        "nothing but let the step go on), so a model that is right on almost every prompt does "
+        "not stall the loop. None: keep dropping.",
+    )
 
 
 class TrainerConfig(_Section):
@@ -227,16 +254,40 @@ class MilesConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    algorithm: Algorithm = Field(default_factory=GRPO)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     infra: InfraConfig = Field(default_factory=InfraConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _grpo_unless_named(cls, data: Any) -> Any:
+        """An ``[algorithm]`` section without a ``name`` tunes the default, GRPO."""
+        if isinstance(data, dict) and isinstance(data.get("algorithm"), dict):
+            data["algorithm"] = {"name": "grpo", **data["algorithm"]}
+        return data
+
     @model_validator(mode="after")
-    def _grpo_needs_groups(self) -> MilesConfig:
+    def _groups_need_two(self) -> MilesConfig:
         if self.rollout.group_size < 2:
-            raise ValueError("rollout.group_size must be >= 2: GRPO normalises within a group")
+            raise ValueError(
+                f"rollout.group_size must be >= 2: {self.algorithm.name} compares the samples "
+                "of a group with each other"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _megatron_runs_one_update(self) -> MilesConfig:
+        algorithm = self.algorithm
+        if self.trainer.backend == "megatron" and (
+            algorithm.updates_per_batch > 1 or algorithm.entropy_coef > 0
+        ):
+            raise ValueError(
+                "trainer.backend='megatron' takes one optimizer step per batch and no entropy "
+                "bonus for now: set algorithm.ppo_epochs=1, algorithm.mini_batches=1 and "
+                "algorithm.entropy_coef=0, or use trainer.backend='torch'"
+            )
         return self
 
     @model_validator(mode="after")
@@ -248,12 +299,19 @@ class MilesConfig(_Section):
             )
         return self
 
-    def grpo_resolved(self) -> GRPOConfig:
-        """``grpo`` with ``old_logprobs`` decided."""
-        if self.grpo.old_logprobs != "auto":
-            return self.grpo
-        source = "trainer" if self.buffer.max_staleness == 0 else "engine"
-        return self.grpo.model_copy(update={"old_logprobs": source})
+    def algorithm_resolved(self) -> Algorithm:
+        """``algorithm`` with ``old_logprobs`` and ``norm_tokens`` decided.
+
+        One update per batch on strict on-policy data: the trainer's logprobs are pi_old. Stale
+        data: the engine's, which importance-correct for the versions in between.
+        """
+        update: dict[str, object] = {}
+        if self.algorithm.old_logprobs == "auto":
+            on_policy = self.buffer.max_staleness == 0
+            update["old_logprobs"] = "trainer" if on_policy else "engine"
+        if self.algorithm.norm_tokens is None:
+            update["norm_tokens"] = self.rollout.max_new_tokens
+        return self.algorithm.model_copy(update=update)
 
     def hash(self) -> str:
         """A stable digest of what changes the experiment (infra excluded)."""
@@ -284,10 +342,20 @@ def load_config(
 ) -> MilesConfig:
     """Recipe defaults, then a TOML file, then ``--set`` overrides, validated once at the end."""
     data = base.model_dump(mode="json") if base else {}
-    if toml_path is not None:
-        _deep_merge(data, tomllib.loads(Path(toml_path).read_text()))
-    apply_overrides(data, list(overrides))
+    layers = [tomllib.loads(Path(toml_path).read_text())] if toml_path is not None else []
+    layers.append(apply_overrides({}, list(overrides)))
+    for layer in layers:
+        _switch_algorithm(data, layer)
+        _deep_merge(data, layer)
     return MilesConfig.model_validate(data)
+
+
+def _switch_algorithm(data: dict[str, Any], layer: dict[str, Any]) -> None:
+    """A layer that names another algorithm starts it from its paper's defaults: the fields
+    of the one it replaces (which it may not even have) are dropped first."""
+    name = layer.get("algorithm", {}).get("name")
+    if name is not None and name != data.get("algorithm", {}).get("name", "grpo"):
+        data["algorithm"] = {}
 
 
 def _deep_merge(into: dict[str, Any], other: dict[str, Any]) -> None:
