@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,18 +56,20 @@ class Chaos:
         timeout: float = 300,
         embedded_servers: bool = False,
         resume: bool = False,
+        settings: Sequence[str] = (),
     ) -> Finished:
         """`miles run` to the end; ``crash_at`` arms a kill point, ``during`` runs alongside.
 
         ``embedded_servers``: `miles run` starts its own nats-server and redis-server in the
-        run directory instead of using the test's; ``resume``: `miles run --resume run_id`.
+        run directory instead of using the test's; ``resume``: `miles run --resume run_id`;
+        ``settings``: more ``--set`` overrides after the suite's.
         """
         command = [sys.executable, "-m", "miles.cli", "run", "--quiet"]
         if resume:
             command += ["--resume", run_id, "--output-dir", str(self.root)]
         else:
             command += [str(RECIPE), "--run-id", run_id, "--set", f"run.output_dir='{self.root}'"]
-            for setting in SETTINGS:
+            for setting in [*SETTINGS, *settings]:
                 command += ["--set", setting]
         env = os.environ | {"RAY_ADDRESS": self.ray_address}
         if embedded_servers:

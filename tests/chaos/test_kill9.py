@@ -76,6 +76,21 @@ def test_service_killed_at(chaos: Chaos, baseline: list[str], point: str, servic
     assert weights == baseline, "a fault changed what was trained"
 
 
+SEVERAL_UPDATES = ["algorithm.ppo_epochs=2", "algorithm.mini_batches=2"]
+
+
+def test_trainer_killed_mid_batch_with_several_updates_per_batch(chaos: Chaos) -> None:
+    """Four optimizer steps per batch (2 epochs x 2 mini-batches): a trainer killed before the
+    commit retrains the whole batch from the last manifest, and every step's weights equal the
+    same run's without the fault."""
+    reference = check(chaos, chaos.run("several-updates", settings=SEVERAL_UPDATES))
+    run_id = "several-updates-killed"
+    finished = chaos.run(run_id, crash_at="trainer.stepped@3", settings=SEVERAL_UPDATES)
+    assert chaos.marker(run_id).exists(), "trainer.stepped was never reached"
+    assert finished.summary["restarts"]["trainer"] >= 1
+    assert check(chaos, finished) == reference
+
+
 def _wait_for_step(redis_url: str, run_id: str, step: int) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     deadline = time.monotonic() + 240

@@ -3,9 +3,10 @@
 import math
 
 import pytest
+import torch
 
 from miles.algo.batching import BAD_INPUT, FILTER_REASONS, batch_id, filter_reason, make_batch
-from miles.config import GRPO, BufferConfig, DrGRPO
+from miles.config import DAPO, GRPO, RLOO, BufferConfig, DrGRPO, ReinforcePP
 from miles.events import Sample, ScoredGroup
 
 EPS = 1e-6  # group_advantages' default, added to the std
@@ -110,3 +111,45 @@ def test_batch_id_is_stable_under_reordering() -> None:
         ).batch_id
         != forward.batch_id
     )
+
+
+def _lengths(group: ScoredGroup, lengths: list[int]) -> ScoredGroup:
+    for sample, length in zip(group.samples, lengths, strict=True):
+        sample.response_ids = [4] * length
+        sample.response_logprobs = [-0.5] * length
+    return group
+
+
+def test_make_batch_rloo_baselines_each_sample_on_the_others() -> None:
+    # [1, 0, 0, 1]: A_0 = 1 - (0 + 0 + 1) / 3 = 2/3, A_1 = 0 - (1 + 0 + 1) / 3 = -2/3
+    batch = make_batch("r", [_group("a", [1, 0, 0, 1])], RLOO(), 4)
+    assert [s.advantage for s in batch.samples] == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+
+
+def test_make_batch_reinforce_pp_whitens_over_the_batch_by_tokens() -> None:
+    # Without baseline: rewards [1, 0] with 1 and 3 tokens, [1, 1] with 2 and 2 tokens.
+    # token-weighted mean (1*1 + 0*3 + 1*2 + 1*2) / 8 = 5/8; variance with Bessel over 8 tokens:
+    # (1 * (3/8)^2 + 3 * (5/8)^2 + 4 * (3/8)^2) / 8 * 8/7 = (9 + 75 + 36) / 64 / 7 = 120 / 448
+    a = _lengths(_group("a", [1, 0]), [1, 3])
+    b = _lengths(_group("b", [1, 1]), [2, 2])
+    std = math.sqrt(120 / 448 + 1e-8)
+    plain = make_batch("r", [a, b], ReinforcePP(baseline=False), 4)
+    expected = [(1 - 5 / 8) / std, (0 - 5 / 8) / std, (1 - 5 / 8) / std, (1 - 5 / 8) / std]
+    # 1e-7: verl's masked mean divides by the token count + 1e-8, left out above
+    assert [s.advantage for s in plain.samples] == pytest.approx(expected, abs=1e-7)
+    # With the group baseline: centred [0.5, -0.5] and [0, 0]; token mean (0.5 - 1.5) / 8 = -1/8
+    # variance ((5/8)^2 + 3 (3/8)^2 + 4 (1/8)^2) / 8 * 8/7 = (25 + 27 + 4) / 64 / 7 = 56 / 448
+    std = math.sqrt(56 / 448 + 1e-8)
+    baseline = make_batch("r", [a, b], ReinforcePP(), 4)
+    expected = [5 / 8 / std, -3 / 8 / std, 1 / 8 / std, 1 / 8 / std]
+    assert [s.advantage for s in baseline.samples] == pytest.approx(expected, abs=1e-7)
+
+
+def test_make_batch_dapo_punishes_overlong_answers_before_the_advantage() -> None:
+    # max 10 tokens, L_cache = 0.2 * 10 = 2: lengths 8 (no penalty), 9 (-0.5) and 10 (-1)
+    group = _lengths(_group("a", [1, 1, 1]), [8, 9, 10])
+    batch = make_batch("r", [group], DAPO(), 10)
+    shaped = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    expected = (shaped - shaped.mean()) / (shaped.std(correction=0) + EPS)
+    assert [s.advantage for s in batch.samples] == pytest.approx(expected.tolist(), abs=1e-12)
+    assert [s.reward for s in batch.samples] == [1, 1, 1]  # the scorer's reward is kept

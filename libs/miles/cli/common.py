@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from miles.config import MilesConfig, load_config
+from miles.config import ALGORITHMS, MilesConfig, load_config
 from miles.runtime.subjects import check_run_id
 
 
@@ -20,7 +20,8 @@ def config_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one field, e.g. trainer.lr=1e-5",
+        help="override one field, e.g. trainer.lr=1e-5. algorithm.name=NAME switches the RL "
+        f"algorithm to its paper's defaults: {', '.join(ALGORITHMS)} (README, 'Algorithms')",
     )
 
 

@@ -187,3 +187,24 @@ def test_held_groups_are_renewed_every_third_of_ack_wait() -> None:
     assert core.renewals(102.5) == ["msg-t1"]
     assert core.renewals(104.0) == []  # counted from the last renewal
     assert core.renewals(104.6) == ["msg-t1"]
+
+
+def test_zero_variance_groups_are_kept_once_max_filter_rounds_are_spent() -> None:
+    """DAPO's max_num_gen_batches: after 1 round (2 groups, a batch's worth) dropped for zero
+    variance, the next such group is held so the step can go on; a published batch starts the
+    count again."""
+    core = _core(BufferConfig(groups_per_batch=2, max_staleness=0, max_filter_rounds=1))
+    flat = [_held(f"t{i}", rewards=(1.0, 1.0)) for i in range(5)]
+    first = core.step(flat[:2], {}, 0).actions
+    assert first == [Drop(h, "zero_variance", dead_letter=False) for h in flat[:2]]
+    assert core.step([flat[2]], {}, 0).actions == [Hold(flat[2])]
+    published = core.step([flat[3]], {}, 0).actions
+    assert published == [Hold(flat[3]), Publish([flat[2], flat[3]])]
+    assert core.step([flat[4]], {}, 0).actions == [Drop(flat[4], "zero_variance", False)]
+
+
+def test_without_max_filter_rounds_zero_variance_groups_are_always_dropped() -> None:
+    core = _core()
+    flat = [_held(f"t{i}", rewards=(0.0, 0.0)) for i in range(6)]
+    actions = core.step(flat, {}, 0).actions
+    assert actions == [Drop(h, "zero_variance", dead_letter=False) for h in flat]
