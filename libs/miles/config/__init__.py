@@ -21,6 +21,7 @@ from miles.config.algorithm import (
     DAPO,
     GRPO,
     GSPO,
+    PPO,
     RLOO,
     Algorithm,
     DrGRPO,
@@ -35,6 +36,7 @@ __all__ = [
     "DAPO",
     "GRPO",
     "GSPO",
+    "PPO",
     "RLOO",
     "Algorithm",
     "BufferConfig",
@@ -280,6 +282,10 @@ class MilesConfig(_Section):
     @model_validator(mode="after")
     def _megatron_runs_one_update(self) -> MilesConfig:
         algorithm = self.algorithm
+        if self.trainer.backend == "megatron" and algorithm.name == "ppo":
+            raise ValueError(
+                "algorithm.name='ppo' trains a critic on trainer.backend='torch' only for now"
+            )
         if self.trainer.backend == "megatron" and (
             algorithm.updates_per_batch > 1 or algorithm.entropy_coef > 0
         ):

@@ -22,7 +22,7 @@ Aggregation: TypeAlias = Literal[
 ]
 """How per-token losses become one number (``miles.algo.aggregation``)."""
 KLEstimator: TypeAlias = Literal["k1", "k2", "k3", "k3_clamped"]
-AdvantageName: TypeAlias = Literal["group", "rloo", "reinforce_pp"]
+AdvantageName: TypeAlias = Literal["group", "rloo", "reinforce_pp", "gae"]
 PolicyLossName: TypeAlias = Literal["ppo_clip", "gspo", "cispo"]
 StdName: TypeAlias = Literal["population", "bessel", "none"]
 
@@ -200,7 +200,41 @@ class ReinforcePP(_PolicyGradient):
     baseline: bool = Field(True, description="Subtract the group mean before whitening.")
 
 
+class PPO(_PolicyGradient):
+    """PPO with a critic (Schulman et al. 2017, arXiv:1707.06347), as RLHF runs it (Ouyang et
+    al. 2022, arXiv:2203.02155): a value model of the policy's architecture with a scalar head
+    estimates each response token's value; GAE (arXiv:1506.02438, eq. 16) with gamma = 1 and
+    lambda = 0.95 turns the outcome reward into per-token advantages, whitened over the batch;
+    the critic regresses the returns with a clipped value loss (verl's and OpenAI baselines')."""
+
+    name: Literal["ppo"] = "ppo"
+    advantage: Literal["gae"] = "gae"
+    std: Literal["none"] = "none"
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each batch.")
+    mini_batches: int = Field(2, ge=1, description="Optimizer steps per pass.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount per token.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda.")
+    value_clip: float = Field(
+        0.2, gt=0, description="A new value estimate moves at most this far from the old one."
+    )
+    critic_lr: float | None = Field(None, ge=0, description="None: trainer.lr.")
+    critic_path: str | None = Field(
+        None,
+        description="An HF model directory to initialise the critic from (its head is new); "
+        "None: the policy's model.path.",
+    )
+
+
 Algorithm: TypeAlias = Annotated[
-    GRPO | DrGRPO | DAPO | GSPO | CISPO | RLOO | ReinforcePP, Field(discriminator="name")
+    GRPO | DrGRPO | DAPO | GSPO | CISPO | RLOO | ReinforcePP | PPO, Field(discriminator="name")
 ]
-ALGORITHMS: tuple[str, ...] = ("grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp")
+ALGORITHMS: tuple[str, ...] = (
+    "grpo",
+    "dr_grpo",
+    "dapo",
+    "gspo",
+    "cispo",
+    "rloo",
+    "reinforce_pp",
+    "ppo",
+)

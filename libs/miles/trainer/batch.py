@@ -10,6 +10,7 @@ causal model sees the same prefix and position ids as the engine did.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from torch import Tensor, nn
 
 from miles.algo import entropy_from_logits
 from miles.events import TrainSample
+
+FULL_WIDTH = frozenset({"input_ids", "attention_mask"})
+"""The ``[N, T]`` fields; the other per-token ones are ``[N, T - 1]``, one per prediction."""
 
 
 @dataclass(frozen=True)
@@ -33,43 +37,40 @@ class TensorBatch:
     """[N, T - 1] float32, the sampling engine's log p of the next token where ``loss_mask``
     is 1: the behaviour policy."""
     advantages: Tensor
-    """[N] float32, one per sample."""
+    """[N] float32, one per sample; or [N, T - 1], one per token (GAE from a critic)."""
+    rewards: Tensor | None = None
+    """[N] float32, each sample's reward (the critic's regression target is built from it)."""
     trainer_logprobs: Tensor | None = None
     """[N, T - 1] float32, the trainer's log p before the batch's first update, when it takes
     several (``algorithm.ppo_epochs`` or ``mini_batches`` > 1): pi_old of every update."""
+    old_values: Tensor | None = None
+    """[N, T - 1] float32, the critic's values before the batch's first update (PPO)."""
+    returns: Tensor | None = None
+    """[N, T - 1] float32, the critic's regression targets, GAE advantage + old value (PPO)."""
 
     @property
     def num_samples(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> TensorBatch:
-        return self.map(lambda t: t.to(device, non_blocking=True))
+        return self.map(lambda _, t: t.to(device, non_blocking=True))
 
-    def map(self, function: Callable[[Tensor], Tensor]) -> TensorBatch:
-        """Apply ``function`` to every tensor (``trainer_logprobs`` when present)."""
-        trainer = self.trainer_logprobs
-        return TensorBatch(
-            input_ids=function(self.input_ids),
-            attention_mask=function(self.attention_mask),
-            loss_mask=function(self.loss_mask),
-            engine_logprobs=function(self.engine_logprobs),
-            advantages=function(self.advantages),
-            trainer_logprobs=None if trainer is None else function(trainer),
-        )
+    def map(self, function: Callable[[str, Tensor], Tensor]) -> TensorBatch:
+        """Apply ``function(name, tensor)`` to every tensor present (optional ones may be None)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        changed = {name: function(name, t) for name, t in fields.items() if t is not None}
+        return dataclasses.replace(self, **changed)
 
     def rows(self, rows: slice, width: int | None = None) -> TensorBatch:
         """Samples ``rows``, trimmed to ``width`` tokens: ``[N, T]`` tensors to ``width``,
         ``[N, T - 1]`` ones to ``width - 1``, ``[N]`` ones only sliced."""
-        end = None if width is None else width - 1
-        trainer = self.trainer_logprobs
-        return TensorBatch(
-            input_ids=self.input_ids[rows, :width],
-            attention_mask=self.attention_mask[rows, :width],
-            loss_mask=self.loss_mask[rows, :end],
-            engine_logprobs=self.engine_logprobs[rows, :end],
-            advantages=self.advantages[rows],
-            trainer_logprobs=None if trainer is None else trainer[rows, :end],
-        )
+
+        def take(name: str, tensor: Tensor) -> Tensor:
+            if tensor.dim() == 1 or width is None:
+                return tensor[rows]
+            return tensor[rows, : width if name in FULL_WIDTH else width - 1]
+
+        return self.map(take)
 
     @property
     def num_tokens(self) -> int:
@@ -91,7 +92,8 @@ def collate(samples: list[TrainSample], pad_id: int) -> TensorBatch:
         loss_mask[row, start : length - 1] = 1.0
         engine_logprobs[row, start : length - 1] = torch.tensor(sample.response_logprobs)
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    return TensorBatch(input_ids, attention_mask, loss_mask, engine_logprobs, advantages)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
+    return TensorBatch(input_ids, attention_mask, loss_mask, engine_logprobs, advantages, rewards)
 
 
 def split(batch: TensorBatch, micro_batch_size: int) -> list[TensorBatch]:
@@ -102,6 +104,21 @@ def split(batch: TensorBatch, micro_batch_size: int) -> list[TensorBatch]:
         width = int(batch.attention_mask[rows].sum(dim=-1).max().item())
         chunks.append(batch.rows(rows, width))
     return chunks
+
+
+def per_position(
+    batch: TensorBatch, micro_batch_size: int, function: Callable[[TensorBatch], Tensor]
+) -> Tensor:
+    """``[N, T - 1]``: ``function`` of each micro-batch (``[n, t - 1]``, trimmed), put back in
+    the batch's layout, 0 off the response (no gradient: for pi_old and the old values)."""
+    full = torch.zeros_like(batch.loss_mask)
+    start = 0
+    with torch.no_grad():
+        for micro in split(batch, micro_batch_size):
+            values = function(micro)
+            full[start : start + micro.num_samples, : values.shape[1]] = values
+            start += micro.num_samples
+    return full * batch.loss_mask
 
 
 def parts(batch: TensorBatch, count: int) -> list[TensorBatch]:

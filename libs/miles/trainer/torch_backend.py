@@ -28,16 +28,18 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from miles.algo import share
-from miles.config import Algorithm, TrainerConfig
+from miles.config import PPO, Algorithm, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.batch import (
     TensorBatch,
     collate,
     parts,
+    per_position,
     split,
     token_logprobs,
     token_logprobs_and_entropy,
 )
+from miles.trainer.critic import Critic
 from miles.trainer.objective import (
     METRICS,
     MicroObjective,
@@ -84,6 +86,11 @@ class TorchTrainer:
         # that sampled without dropout. Gradients flow all the same.
         self.model.eval()
         self.reference = _frozen_copy(self.model) if algorithm.kl_coef > 0 else None
+        self.critic = (
+            Critic(model_path, algorithm, trainer, self.device)
+            if isinstance(algorithm, PPO)
+            else None
+        )
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=trainer.lr,
@@ -99,6 +106,8 @@ class TorchTrainer:
         started = time.perf_counter()
         if self.algorithm.updates_per_batch > 1 and self.algorithm.old_logprobs == "trainer":
             batch = self._with_trainer_logprobs(batch)
+        if self.critic is not None:
+            batch = self.critic.with_targets(batch)
         steps: list[dict[str, float]] = []
         optimizer_seconds = 0.0
         for _ in range(self.algorithm.ppo_epochs):
@@ -110,6 +119,8 @@ class TorchTrainer:
                     self.model.parameters(), self.trainer.grad_clip
                 )
                 self.optimizer.step()
+                if self.critic is not None:
+                    metrics |= self.critic.step(part)
                 optimizer_seconds += time.perf_counter() - step_started
                 steps.append({**metrics, "grad_norm": grad_norm.item()})
         # The first update's statistics describe the batch as sampled (ratio 1 on-policy, the
@@ -147,6 +158,8 @@ class TorchTrainer:
         Path(directory).mkdir(parents=True, exist_ok=True)
         path = Path(directory) / STATE_FILE
         state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.critic is not None:
+            state |= self.critic.state_dict()
         torch.save(state, path)
         with open(path, "rb") as handle:
             return hashlib.file_digest(handle, "sha256").hexdigest()
@@ -157,6 +170,8 @@ class TorchTrainer:
             Path(directory) / STATE_FILE, map_location=self.device, weights_only=True
         )
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
 
     def rng_state(self) -> str:
@@ -168,17 +183,13 @@ class TorchTrainer:
 
     def _with_trainer_logprobs(self, batch: TensorBatch) -> TensorBatch:
         """``batch`` with the trainer's logprobs before any update: pi_old of every update."""
-        with torch.no_grad(), self._autocast():
-            chunks = [
-                token_logprobs(self.model, micro)
-                for micro in split(batch, self.trainer.micro_batch_size)
-            ]
-        full = torch.zeros_like(batch.engine_logprobs)
-        start = 0
-        for chunk in chunks:
-            full[start : start + chunk.shape[0], : chunk.shape[1]] = chunk
-            start += chunk.shape[0]
-        return dataclasses.replace(batch, trainer_logprobs=full * batch.loss_mask)
+
+        def logprobs(micro: TensorBatch) -> Tensor:
+            with self._autocast():
+                return token_logprobs(self.model, micro)
+
+        size = self.trainer.micro_batch_size
+        return dataclasses.replace(batch, trainer_logprobs=per_position(batch, size, logprobs))
 
     def _accumulate_gradients(self, batch: TensorBatch) -> dict[str, float]:
         """Backward over micro-batches so the summed gradient equals one full-batch backward.

@@ -79,7 +79,7 @@ def test_dr_grpo_only_centres() -> None:
 def test_zero_variance_group_gives_zero_not_nan(std: str) -> None:
     advantages = group_normalized(
         torch.tensor([[2.0, 2.0, 2.0, 2.0], [1.0, 0.0, 1.0, 0.0]]),
-        std=std,  # type: ignore[arg-type]
+        std=std,
     )
     assert not torch.isnan(advantages).any()
     assert advantages[0].tolist() == [0.0, 0.0, 0.0, 0.0]
@@ -478,14 +478,14 @@ def test_kl_aggregates_with_the_policy_mask() -> None:
 def test_entropy_by_hand() -> None:
     # logits [0, log 3]: p = [1/4, 3/4], H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.56233514
     # uniform logits over 5 values: H = ln 5
-    assert entropy_from_logits(_t([0.0, math.log(3)])).item() == pytest.approx(
-        0.56233514, abs=1e-8
-    )
+    assert entropy_from_logits(_t([0.0, math.log(3)])).item() == pytest.approx(0.56233514, abs=1e-8)
     assert entropy_from_logits(_t([2.0] * 5)).item() == pytest.approx(math.log(5), abs=1e-12)
 
 
 def test_entropy_is_minus_sum_p_log_p() -> None:
-    logits = 3 * torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    logits = 3 * torch.randn(
+        2, 3, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
     p = torch.exp(logits) / torch.exp(logits).sum(dim=-1, keepdim=True)
     expected = -(p * torch.log(p)).sum(dim=-1)
     torch.testing.assert_close(entropy_from_logits(logits), expected, atol=1e-12, rtol=0)
@@ -503,7 +503,7 @@ MISMATCH_MASK = [[1, 1, 1], [1, 1, 0]]
 def _mismatch(mode: str, level: str) -> tuple:
     trainer = torch.log(_t([[0.5, 0.2, 0.9], [0.3, 0.6, 0.01]]))
     engine = trainer - torch.log(_t(MISMATCH_RATIOS))
-    return mismatch_weights(trainer, engine, _t(MISMATCH_MASK), mode, level, 2.0)  # type: ignore[arg-type]
+    return mismatch_weights(trainer, engine, _t(MISMATCH_MASK), mode, level, 2.0)
 
 
 def _k3_mean() -> float:

@@ -5,16 +5,11 @@ import copy
 
 import pytest
 import torch
-from tests.unit.trainer.test_torch_backend import (  # noqa: F401 (model_dir: a fixture)
-    MIXED,
-    _trainer,
-    _with_policy_logprobs,
-    model_dir,
-)
 
 from miles.algo import aggregate, ppo_clip
 from miles.config import GRPO, MismatchCorrection
 from miles.trainer import collate, token_logprobs
+from tests.unit.trainer.test_torch_backend import MIXED, _trainer, _with_policy_logprobs
 
 torch.set_num_threads(1)
 
@@ -42,9 +37,7 @@ def test_epochs_and_mini_batches_equal_the_written_out_ppo_loop(model_dir: str) 
             optimizer.zero_grad()
             part = batch.rows(rows)
             logprobs = token_logprobs(model, part)
-            per_token, _ = ppo_clip(
-                logprobs, old[rows], part.advantages, part.loss_mask, 0.2, 0.28
-            )
+            per_token, _ = ppo_clip(logprobs, old[rows], part.advantages, part.loss_mask, 0.2, 0.28)
             aggregate(per_token, part.loss_mask, "token_mean").backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
