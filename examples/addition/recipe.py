@@ -2,6 +2,7 @@
 
     miles run examples/addition/recipe.py
     miles run examples/addition/recipe.py --set trainer.lr=0      # the control: nothing learns
+    miles run examples/addition/recipe.py --set algorithm.name=dpo  # offline DPO on pairs
 
 ``prepare`` writes the train/held-out JSONL files and a supervised warm start on a sloppy
 teacher that often forgets carries (cached under runs/cache, see task.py), so RL starts from a
@@ -52,7 +53,10 @@ def prepare(config: miles.MilesConfig) -> miles.MilesConfig:
     )
     model_dir = task.warm_start(cache / "warm-start", seed=config.run.seed, digits=DIGITS)
     config.model.path = Path(model_dir).resolve()
-    config.data.train_path = (cache / "train.jsonl").resolve()
+    # DPO learns from preference pairs (right answer over the sloppy teacher's), the RL
+    # algorithms from prompts and the reward.
+    train = "train_pairs.jsonl" if config.algorithm.name == "dpo" else "train.jsonl"
+    config.data.train_path = (cache / train).resolve()
     config.data.eval_path = (cache / "eval.jsonl").resolve()
     return config
 

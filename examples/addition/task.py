@@ -128,9 +128,29 @@ def write_jsonl(path: str | Path, problems: Iterable[dict[str, str]]) -> Path:
     return path
 
 
+def preference_pairs(problems: list[dict[str, str]], seed: int) -> list[dict[str, str]]:
+    """DPO's data: each problem with the right answer chosen and the sloppy teacher's rejected,
+    the answer with every carry forgotten; where there is no carry to forget, the answer with
+    one digit changed."""
+    rng = random.Random(f"{seed}-pairs")
+    pairs = []
+    for problem in problems:
+        a, b = (int(x) for x in problem["prompt"].rstrip("=").split("+"))
+        rejected = answer(a, b, carry_drop=1.0, rng=rng)
+        if rejected == problem["label"]:
+            digits = list(rejected)
+            place = rng.randrange(len(digits))
+            digits[place] = str((int(digits[place]) + rng.randrange(1, 10)) % 10)
+            rejected = "".join(digits)
+        pairs.append({"prompt": problem["prompt"], "chosen": problem["label"], "rejected": rejected})
+    return pairs
+
+
 def write_splits(directory: str | Path, train: int, eval: int, seed: int, digits: int) -> None:
-    """``train.jsonl`` and ``eval.jsonl`` in ``directory``."""
-    write_jsonl(Path(directory) / "train.jsonl", make_problems(train, seed, digits, "train"))
+    """``train.jsonl``, its preference pairs ``train_pairs.jsonl`` (DPO) and ``eval.jsonl``."""
+    problems = make_problems(train, seed, digits, "train")
+    write_jsonl(Path(directory) / "train.jsonl", problems)
+    write_jsonl(Path(directory) / "train_pairs.jsonl", preference_pairs(problems, seed))
     write_jsonl(Path(directory) / "eval.jsonl", make_problems(eval, seed, digits, "eval"))
 
 

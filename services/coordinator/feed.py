@@ -1,16 +1,17 @@
-"""The training feed: reads the pacing counters from the run record, publishes the tasks the
-pacing allows and records the dataset cursor after each one (the I/O around ``pacing.py``)."""
+"""The training feed: reads the pacing counters from the run record, publishes what the pacing
+allows (prompt tasks, or DPO's preference pairs: ``sources.py``) and records the dataset cursor
+after each one (the I/O around ``pacing.py``)."""
 
 from __future__ import annotations
 
 from miles import telemetry
 from miles.config import MilesConfig
-from miles.data import Prompt
 from miles.runtime import faults
 from miles.runtime.bus import Bus
 from miles.runtime.run_record import RunStorePort
 from miles.telemetry import Metrics
-from services.coordinator.pacing import Pacing, Progress, training_task
+from services.coordinator.pacing import Pacing, Progress
+from services.coordinator.sources import Source
 
 
 class Feed:
@@ -20,16 +21,12 @@ class Feed:
         store: RunStorePort,
         metrics: Metrics,
         pacing: Pacing,
-        prompts: list[Prompt],
-        group_size: int,
-        seed: int,
+        source: Source,
         cursor: int = 0,
     ) -> None:
         self.bus, self.store, self.metrics = bus, store, metrics
         self.pacing = pacing
-        self.prompts = prompts
-        self.group_size = group_size
-        self.seed = seed
+        self.source = source
         self.cursor = cursor
         self.progress = Progress()
 
@@ -40,14 +37,11 @@ class Feed:
         store: RunStorePort,
         metrics: Metrics,
         config: MilesConfig,
-        prompts: list[Prompt],
+        source: Source,
     ) -> Feed:
         """At the cursor the run record holds (0 for a new run), with the counters read."""
         cursor = (await store.record()).cursor
-        pacing = Pacing.from_config(config)
-        feed = cls(
-            bus, store, metrics, pacing, prompts, config.rollout.group_size, config.run.seed, cursor
-        )
+        feed = cls(bus, store, metrics, Pacing.from_config(config), source, cursor)
         await feed.refresh()
         return feed
 
@@ -68,18 +62,16 @@ class Feed:
         self.metrics.policy_version.set(self.progress.step)
 
     async def dispatch(self) -> None:
-        """Publish the tasks the bounds allow now, each the root of its own trace.
+        """Publish the tasks (or pairs) the bounds allow now, each the root of its own trace.
 
         The task id is the cursor, and the publish is deduplicated by it: a coordinator that
         dies between publishing and recording the cursor publishes the same task again, and
         JetStream keeps one copy.
         """
         for cursor in self.pacing.due(self.progress, self.cursor):
-            task = training_task(
-                self.bus.run_id, self.prompts, cursor, self.step, self.group_size, self.seed
-            )
-            with telemetry.root_span("dispatch", {"miles.task_id": task.task_id}):
-                await self.bus.publish(self.bus.subjects.tasks, task, msg_id=task.task_id)
+            out = self.source.at(cursor, self.step)
+            with telemetry.root_span("dispatch", {"miles.task_id": out.task_id}):
+                await self.bus.publish(out.subject, out.event, msg_id=out.msg_id)
             self.metrics.tasks_published.inc()
             faults.crash_point("coordinator.dispatched")
             self.cursor = cursor + 1

@@ -24,6 +24,7 @@ from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import COORDINATOR_CONSUMER
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
+from services.coordinator.sources import train_source
 from services.coordinator.watch import Watch
 
 log = logging.getLogger("miles.coordinator")
@@ -33,7 +34,7 @@ async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
     created = await store.create_run(config.hash(), config.model_dump_json())
-    train = load_prompts(config, ctx.recipe, "train")
+    train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id)
     held_out = load_prompts(config, ctx.recipe, "eval")
     feed = await Feed.resume(bus, store, ctx.metrics, config, train)
     log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", feed.step)

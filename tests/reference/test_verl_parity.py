@@ -31,8 +31,10 @@ from miles.algo import (
     group_normalized,
     gspo,
     kl_estimate,
+    kl_penalized_rewards,
     leave_one_out,
     ppo_clip,
+    reinforce_pp_returns,
 )
 
 pytestmark = pytest.mark.reference
@@ -290,3 +292,39 @@ def test_entropy_from_logits_is_verls() -> None:
     # H = -sum_v p_v log p_v = logsumexp(x) - sum_v p_v x_v
     logits = 3.0 * torch.randn(N, T, 50, dtype=torch.float64)
     _close(entropy_from_logits(logits), verl_F.entropy_from_logits(logits))
+
+
+# --- KL as a reward penalty (PPO, REINFORCE++) --------------------------------------------------
+
+
+def test_reinforce_pp_returns_are_verls_with_per_token_rewards() -> None:
+    # REINFORCE++ with the KL in the reward: returns G_t over response tokens (observation
+    # tokens skipped), whitened over the batch's tokens; gamma < 1 so the discount shows.
+    mask = _mask()
+    rewards = torch.randn(N, T, dtype=torch.float64)  # rewards on masked tokens must be ignored
+    theirs, _ = core_algos.compute_reinforce_plus_plus_outcome_advantage(
+        rewards * mask, mask, config=AlgoConfig(gamma=0.9)
+    )
+    _close(reinforce_pp_returns(rewards * mask, mask, gamma=0.9), theirs * mask)
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [("k1", "k1"), ("k2", "k2"), ("k3", "k3")])
+def test_kl_penalized_rewards_are_verls_apply_kl_penalty(ours: str, theirs: str) -> None:
+    # verl's apply_kl_penalty: token_level_rewards = token_level_scores - beta * kl_penalty(old
+    # logprob, ref logprob) times the response mask.
+    mask, scores = _mask(), _scores()
+    logprobs = -torch.rand(N, T, dtype=torch.float64)
+    ref = logprobs + 0.5 * (torch.rand(N, T, dtype=torch.float64) - 0.5)
+    beta = 0.05
+    expected = (
+        _on_last_token(scores, mask) - beta * core_algos.kl_penalty(logprobs, ref, theirs)
+    ) * mask
+    ours_rewards = kl_penalized_rewards(
+        _on_last_token(scores, mask),
+        logprobs,
+        ref,
+        mask,
+        beta,
+        ours,  # type: ignore[arg-type]
+    )
+    _close(ours_rewards, expected)

@@ -185,7 +185,21 @@ def test_an_algorithm_section_without_a_name_tunes_grpo(tmp_path: Path) -> None:
         ),
         (
             ["trainer.backend=megatron", "algorithm.name=ppo"],
-            "trains a critic on trainer.backend='torch' only",
+            "runs on trainer.backend='torch' only",
+        ),
+        (["trainer.backend=megatron", "algorithm.name=dpo"], "runs on trainer.backend='torch'"),
+        (["algorithm.name=dpo", "algorithm.kl_coef=0.1"], "Extra inputs are not permitted"),
+        (["algorithm.name=dpo", "algorithm.beta=0"], "greater than 0"),
+        (["algorithm.kl_in=reward"], "kl_in = 'reward' needs per-token advantages"),
+        (["algorithm.name=reinforce_pp", "algorithm.kl_in=reward"], "baseline = false"),
+        (
+            [
+                "trainer.backend=megatron",
+                "algorithm.name=reinforce_pp",
+                "algorithm.baseline=false",
+                "algorithm.kl_in=reward",
+            ],
+            "the KL as a loss term for now",
         ),
     ],
 )

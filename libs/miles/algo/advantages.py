@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from miles.algo.value import masked_whiten
+
 Std = Literal["population", "bessel", "none"]
 
 
@@ -62,6 +64,24 @@ def batch_whitened(rewards: Tensor, lengths: Tensor, group_means: Tensor | None)
     variance = ((centered - mean) ** 2 * weights).sum() / (tokens + 1e-8)
     variance = variance * tokens / (tokens - 1)
     return (centered - mean) * torch.rsqrt(variance + 1e-8)
+
+
+def reinforce_pp_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ with per-token rewards (Hu 2025, arXiv:2501.03262, sec. 3.1 and 3.2): the
+    return ``G_t = sum_{s >= t} gamma^(s - t) r_s`` of each response token (the sum runs over
+    response tokens only: tokens off the mask, such as a tool's output, are skipped, as in
+    ``gae``), whitened over every masked token of the batch (``masked_whiten``). With the KL as
+    a reward penalty each token's return carries the KL still ahead of it; with only an outcome
+    reward every token's return is that reward, and this is ``batch_whitened`` without a
+    baseline."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        keep = mask[:, t]
+        step = rewards[:, t] + gamma * running
+        returns[:, t] = step * keep
+        running = step * keep + running * (1 - keep)  # carried unchanged over tool tokens
+    return masked_whiten(returns, mask) * mask
 
 
 def gae(

@@ -76,6 +76,8 @@ def advantages(
         return [leave_one_out(r[None])[0].tolist() for r in rewards]
     if algorithm.advantage == "gae":  # per token, from the trainer's critic and the reward
         return [[0.0] * len(r) for r in rewards]
+    if algorithm.advantage == "pair":  # DPO: +1 marks the chosen response, -1 the rejected
+        return [preference_signs(r) for r in rewards]
     flat = torch.cat(rewards)
     lengths = torch.tensor([len(s.response_ids) for group in groups for s in group])
     baseline = getattr(algorithm, "baseline", True)
@@ -86,6 +88,13 @@ def advantages(
         out.append(whitened[start : start + len(group)])
         start += len(group)
     return out
+
+
+def preference_signs(rewards: torch.Tensor) -> list[float]:
+    """A preference pair as the coordinator scores it: chosen (1) first, rejected (0) second."""
+    if rewards.shape != (2,) or not rewards[0] > rewards[1]:
+        raise ValueError(f"a preference group is (chosen, rejected) rewarded 1, 0; got {rewards}")
+    return [1.0, -1.0]
 
 
 def make_batch(

@@ -34,6 +34,23 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator) 
     return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(-10.0, 10.0)
 
 
+def kl_penalized_rewards(
+    rewards: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    coef: float,
+    estimator: KLEstimator,
+) -> Tensor:
+    """KL as a per-token reward penalty instead of a loss term: ``r_t - coef * KL_t`` on every
+    response token (Ziegler et al. 2019, arXiv:1909.08593, eq. 2; Ouyang et al. 2022,
+    arXiv:2203.02155, eq. 2; REINFORCE++, arXiv:2501.03262, sec. 3.1). ``rewards`` ``[N, T]``
+    are the per-token rewards (the outcome on the last token), ``logprobs`` those of the policy
+    that sampled (pi_old, a constant). The penalty then flows through the advantage estimator
+    (GAE, or REINFORCE++'s returns) rather than through the loss's gradient."""
+    return (rewards - coef * kl_estimate(logprobs, ref_logprobs, estimator)) * mask
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """``H = -sum_v p_v log p_v = logsumexp(x) - sum_v p_v x_v`` per position, from ``[..., V]``
     logits. Subtracted from the loss times ``entropy_coef`` (Williams and Peng 1991; Mnih et

@@ -19,6 +19,7 @@ from miles.config.algorithm import (
     ALGORITHMS,
     CISPO,
     DAPO,
+    DPO,
     GRPO,
     GSPO,
     PPO,
@@ -34,6 +35,7 @@ __all__ = [
     "ALGORITHMS",
     "CISPO",
     "DAPO",
+    "DPO",
     "GRPO",
     "GSPO",
     "PPO",
@@ -272,7 +274,7 @@ class MilesConfig(_Section):
 
     @model_validator(mode="after")
     def _groups_need_two(self) -> MilesConfig:
-        if self.rollout.group_size < 2:
+        if self.rollout.group_size < 2 and not isinstance(self.algorithm, DPO):
             raise ValueError(
                 f"rollout.group_size must be >= 2: {self.algorithm.name} compares the samples "
                 "of a group with each other"
@@ -282,17 +284,20 @@ class MilesConfig(_Section):
     @model_validator(mode="after")
     def _megatron_runs_one_update(self) -> MilesConfig:
         algorithm = self.algorithm
-        if self.trainer.backend == "megatron" and algorithm.name == "ppo":
+        if self.trainer.backend == "megatron" and algorithm.name in ("ppo", "dpo"):
             raise ValueError(
-                "algorithm.name='ppo' trains a critic on trainer.backend='torch' only for now"
+                f"algorithm.name={algorithm.name!r} runs on trainer.backend='torch' only for now"
             )
         if self.trainer.backend == "megatron" and (
-            algorithm.updates_per_batch > 1 or algorithm.entropy_coef > 0
+            algorithm.updates_per_batch > 1
+            or algorithm.entropy_coef > 0
+            or getattr(algorithm, "kl_in", "loss") == "reward"
         ):
             raise ValueError(
-                "trainer.backend='megatron' takes one optimizer step per batch and no entropy "
-                "bonus for now: set algorithm.ppo_epochs=1, algorithm.mini_batches=1 and "
-                "algorithm.entropy_coef=0, or use trainer.backend='torch'"
+                "trainer.backend='megatron' takes one optimizer step per batch, no entropy "
+                "bonus and the KL as a loss term for now: set algorithm.ppo_epochs=1, "
+                "algorithm.mini_batches=1, algorithm.entropy_coef=0 and algorithm.kl_in='loss', "
+                "or use trainer.backend='torch'"
             )
         return self
 
@@ -311,6 +316,8 @@ class MilesConfig(_Section):
         One update per batch on strict on-policy data: the trainer's logprobs are pi_old. Stale
         data: the engine's, which importance-correct for the versions in between.
         """
+        if isinstance(self.algorithm, DPO):
+            return self.algorithm  # no ratio and no length constant
         update: dict[str, object] = {}
         if self.algorithm.old_logprobs == "auto":
             on_policy = self.buffer.max_staleness == 0

@@ -11,7 +11,7 @@ The components the fields name live in ``miles.algo`` with their equations.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeAlias
+from typing import Annotated, ClassVar, Literal, TypeAlias
 
 from pydantic import Field, model_validator
 
@@ -22,8 +22,8 @@ Aggregation: TypeAlias = Literal[
 ]
 """How per-token losses become one number (``miles.algo.aggregation``)."""
 KLEstimator: TypeAlias = Literal["k1", "k2", "k3", "k3_clamped"]
-AdvantageName: TypeAlias = Literal["group", "rloo", "reinforce_pp", "gae"]
-PolicyLossName: TypeAlias = Literal["ppo_clip", "gspo", "cispo"]
+AdvantageName: TypeAlias = Literal["group", "rloo", "reinforce_pp", "gae", "pair"]
+PolicyLossName: TypeAlias = Literal["ppo_clip", "gspo", "cispo", "dpo"]
 StdName: TypeAlias = Literal["population", "bessel", "none"]
 
 
@@ -43,7 +43,7 @@ class MismatchCorrection(Section):
     cap: float = Field(2.0, gt=1, description="Truncation (tis) or rejection (mis) threshold.")
 
 
-class _PolicyGradient(Section):
+class PolicyGradient(Section):
     """What every preset shares: the clipped surrogate, KL, entropy, updates per batch."""
 
     eps_low: float = Field(
@@ -72,6 +72,11 @@ class _PolicyGradient(Section):
     kl_estimator: KLEstimator = Field(
         "k3", description="k1, k2, k3 or k3_clamped (Schulman 2020, 'Approximating KL')."
     )
+    kl_in: Literal["loss", "reward"] = Field(
+        "loss",
+        description="Where the KL to the reference goes: a loss term, or a per-token reward "
+        "penalty before the advantage (ppo; reinforce_pp without its baseline).",
+    )
     entropy_coef: float = Field(
         0.0, ge=0, description="Weight of the entropy bonus (subtracted from the loss)."
     )
@@ -98,8 +103,25 @@ class _PolicyGradient(Section):
     def updates_per_batch(self) -> int:
         return self.ppo_epochs * self.mini_batches
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the trainer keeps a frozen copy of the initial policy."""
+        return self.kl_coef > 0
+
     @model_validator(mode="after")
-    def _correction_needs_trainer_old(self) -> _PolicyGradient:
+    def _kl_reward_needs_token_advantages(self) -> PolicyGradient:
+        per_token = self.advantage == "gae" or (
+            self.advantage == "reinforce_pp" and not getattr(self, "baseline", True)
+        )
+        if self.kl_in == "reward" and not per_token:
+            raise ValueError(
+                "algorithm.kl_in = 'reward' needs per-token advantages: algorithm.name = 'ppo', "
+                "or 'reinforce_pp' with algorithm.baseline = false; use kl_in = 'loss' here"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _correction_needs_trainer_old(self) -> PolicyGradient:
         if self.correction.mode != "off" and self.old_logprobs == "engine":
             raise ValueError(
                 "algorithm.correction corrects from the engine's to the trainer's logprobs: "
@@ -108,7 +130,7 @@ class _PolicyGradient(Section):
         return self
 
 
-class GRPO(_PolicyGradient):
+class GRPO(PolicyGradient):
     """GRPO (Shao et al. 2024, arXiv:2402.03300): group-normalised outcome advantages and
     PPO's clipped surrogate, the per-sequence mean then the mean over sequences (eq. 3), and a
     k3 KL term to the reference with beta = 0.04 (sec. 4.2)."""
@@ -123,7 +145,7 @@ class GRPO(_PolicyGradient):
     kl_coef: float = Field(0.04, ge=0, description="GRPO's beta (sec. 4.2).")
 
 
-class DrGRPO(_PolicyGradient):
+class DrGRPO(PolicyGradient):
     """Dr.GRPO (Liu et al. 2025, arXiv:2503.20783, sec. 3.1): GRPO without its two biases, the
     division by the group std (no ``std``) and by each response's length (a token sum divided
     by one constant for every sequence), and no KL term."""
@@ -133,7 +155,7 @@ class DrGRPO(_PolicyGradient):
     aggregation: Aggregation = "seq_mean_token_sum_norm"
 
 
-class DAPO(_PolicyGradient):
+class DAPO(PolicyGradient):
     """DAPO (Yu et al. 2025, arXiv:2503.14476): clip-higher (eps_high = 0.28, sec. 3.1),
     token-level mean (sec. 3.3), no KL (sec. 2.3), the soft overlong punishment (sec. 3.4,
     eq. 13) and dynamic sampling (sec. 3.2: ``buffer.filter_zero_variance`` with
@@ -152,7 +174,7 @@ class DAPO(_PolicyGradient):
     overlong_penalty: float = Field(1.0, ge=0, description="The punishment at the full length.")
 
 
-class GSPO(_PolicyGradient):
+class GSPO(PolicyGradient):
     """GSPO (Zheng et al. 2025, arXiv:2507.18071): the importance ratio of a whole sequence,
     the geometric mean of its token ratios (eq. 7), clipped in a narrow range (sec. 5.1: 3e-4
     and 4e-4) and averaged per sequence, with GRPO's group advantages."""
@@ -165,7 +187,7 @@ class GSPO(_PolicyGradient):
     aggregation: Aggregation = "seq_mean_token_mean"
 
 
-class CISPO(_PolicyGradient):
+class CISPO(PolicyGradient):
     """CISPO (MiniMax 2025, arXiv:2506.13585, eq. 4): REINFORCE weighted by the clipped
     importance ratio under a stop-gradient, so no token's gradient is ever dropped. The paper
     sets no lower bound (eps_low = 1 here, the ratio is never below 0) and tunes eps_high
@@ -178,7 +200,7 @@ class CISPO(_PolicyGradient):
     eps_high: float = Field(0.28, ge=0, description="Upper bound of the IS weight.")
 
 
-class RLOO(_PolicyGradient):
+class RLOO(PolicyGradient):
     """RLOO (Ahmadian et al. 2024, arXiv:2402.14740, sec. 3.2, after Kool et al. 2019): each
     sample's baseline is the mean reward of the other G - 1 of its group, and the whole
     response is one action (a token sum per sequence)."""
@@ -189,7 +211,7 @@ class RLOO(_PolicyGradient):
     aggregation: Aggregation = "seq_mean_token_sum"
 
 
-class ReinforcePP(_PolicyGradient):
+class ReinforcePP(PolicyGradient):
     """REINFORCE++ (Hu 2025, arXiv:2501.03262): no critic and no per-group std; advantages
     whitened over the whole batch (sec. 3.2), token-weighted as verl computes it. ``baseline``
     subtracts the group mean first (the paper's REINFORCE++-baseline, for group sampling)."""
@@ -200,7 +222,7 @@ class ReinforcePP(_PolicyGradient):
     baseline: bool = Field(True, description="Subtract the group mean before whitening.")
 
 
-class PPO(_PolicyGradient):
+class PPO(PolicyGradient):
     """PPO with a critic (Schulman et al. 2017, arXiv:1707.06347), as RLHF runs it (Ouyang et
     al. 2022, arXiv:2203.02155): a value model of the policy's architecture with a scalar head
     estimates each response token's value; GAE (arXiv:1506.02438, eq. 16) with gamma = 1 and
@@ -225,8 +247,43 @@ class PPO(_PolicyGradient):
     )
 
 
+class DPO(Section):
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7), offline: a preference dataset of
+    ``{prompt, chosen, rejected}`` rows trains the policy against a frozen reference (the
+    initial policy) with ``-log sigmoid(beta * (log pi/pi_ref (chosen) - log pi/pi_ref
+    (rejected)))``. The coordinator feeds the pairs to the buffer, scored (chosen 1, rejected 0);
+    rollout and reward only serve the held-out evaluation. ``label_smoothing`` is conservative
+    DPO (Mitchell 2023, "A note on DPO with noisy preferences"): eps of the labels flipped.
+
+    No clipped surrogate, KL term or entropy bonus: the constants below are what the buffer
+    and trainer read of every preset, fixed (setting one is refused as an unknown field).
+    """
+
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(
+        0.1, gt=0, description="The KL strength beta of eq. 7 (the paper uses 0.1 to 0.5)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="cDPO's share of preference labels assumed flipped."
+    )
+
+    advantage: ClassVar[AdvantageName] = "pair"
+    policy_loss: ClassVar[PolicyLossName] = "dpo"
+    std: ClassVar[StdName] = "none"
+    aggregation: ClassVar[Aggregation] = "seq_mean_token_sum"
+    norm_tokens: ClassVar[int | None] = None
+    kl_coef: ClassVar[float] = 0.0
+    entropy_coef: ClassVar[float] = 0.0
+    ppo_epochs: ClassVar[int] = 1
+    mini_batches: ClassVar[int] = 1
+    updates_per_batch: ClassVar[int] = 1
+    old_logprobs: ClassVar[Literal["auto", "trainer", "engine"]] = "trainer"
+    needs_reference: ClassVar[bool] = True
+
+
 Algorithm: TypeAlias = Annotated[
-    GRPO | DrGRPO | DAPO | GSPO | CISPO | RLOO | ReinforcePP | PPO, Field(discriminator="name")
+    GRPO | DrGRPO | DAPO | GSPO | CISPO | RLOO | ReinforcePP | PPO | DPO,
+    Field(discriminator="name"),
 ]
 ALGORITHMS: tuple[str, ...] = (
     "grpo",
@@ -237,4 +294,5 @@ ALGORITHMS: tuple[str, ...] = (
     "rloo",
     "reinforce_pp",
     "ppo",
+    "dpo",
 )

@@ -47,6 +47,9 @@ class TensorBatch:
     """[N, T - 1] float32, the critic's values before the batch's first update (PPO)."""
     returns: Tensor | None = None
     """[N, T - 1] float32, the critic's regression targets, GAE advantage + old value (PPO)."""
+    token_rewards: Tensor | None = None
+    """[N, T - 1] float32, per-token rewards: the outcome on the last response token minus the
+    KL penalty on every one (``algorithm.kl_in = "reward"``)."""
 
     @property
     def num_samples(self) -> int:

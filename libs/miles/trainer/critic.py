@@ -47,12 +47,15 @@ class Critic:
 
     def with_targets(self, batch: TensorBatch) -> TensorBatch:
         """``batch`` with per-token GAE advantages (whitened over the batch), the old values
-        and the returns: the outcome reward sits on each response's last token."""
+        and the returns: the outcome reward sits on each response's last token, and the KL
+        penalty on every token when the KL is in the reward (``batch.token_rewards``)."""
         assert batch.rewards is not None, "collate puts each sample's reward in the batch"
         mask = batch.loss_mask
         old = per_position(batch, self.trainer.micro_batch_size, self.values)
         with torch.no_grad():
-            rewards = outcome_rewards(batch.rewards, mask)
+            rewards = batch.token_rewards
+            if rewards is None:  # the KL, if any, is a loss term
+                rewards = outcome_rewards(batch.rewards, mask)
             advantages, returns = gae(rewards, old, mask, self.algorithm.gamma, self.algorithm.lam)
             advantages = masked_whiten(advantages, mask) * mask
         return dataclasses.replace(batch, advantages=advantages, old_values=old, returns=returns)

@@ -24,7 +24,7 @@ from miles.algo import (
     mismatch_weights,
     ppo_clip,
 )
-from miles.config import Algorithm
+from miles.config.algorithm import PolicyGradient
 from miles.trainer.batch import TensorBatch
 
 METRICS = (
@@ -95,14 +95,14 @@ def combine(totals: list[float], values: list[float]) -> list[float]:
     ]
 
 
-def measured(totals: dict[str, float], algorithm: Algorithm) -> dict[str, float]:
+def measured(totals: dict[str, float], algorithm: PolicyGradient) -> dict[str, float]:
     """The batch's ``METRICS`` without the entropy when none was computed (it reads 0)."""
     if algorithm.entropy_coef > 0:
         return totals
     return {key: value for key, value in totals.items() if key != "entropy"}
 
 
-def pi_old(logprobs: Tensor, micro: TensorBatch, algorithm: Algorithm) -> Tensor:
+def pi_old(logprobs: Tensor, micro: TensorBatch, algorithm: PolicyGradient) -> Tensor:
     """pi_old of the ratio: the engine's logprobs, or the trainer's before the batch's first
     update. With one update per batch the policy has not moved yet, so the trainer's own
     logprobs, detached, are exactly that (ratio 1, gradient A * grad log p); with several, the
@@ -119,7 +119,7 @@ def policy_objective(
     ref_logprobs: Tensor | None,
     entropy: Tensor | None,
     micro: TensorBatch,
-    algorithm: Algorithm,
+    algorithm: PolicyGradient,
 ) -> MicroObjective:
     mask, norm = micro.loss_mask, algorithm.norm_tokens or 1
     old = pi_old(logprobs, micro, algorithm)

@@ -27,8 +27,10 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from miles.algo import share
-from miles.config import PPO, Algorithm, TrainerConfig
+from miles.algo import kl_penalized_rewards, reinforce_pp_returns, share
+from miles.algo.value import outcome_rewards
+from miles.config import DPO, PPO, Algorithm, TrainerConfig
+from miles.config.algorithm import PolicyGradient
 from miles.events import TrainSample
 from miles.trainer.batch import (
     TensorBatch,
@@ -48,6 +50,7 @@ from miles.trainer.objective import (
     policy_objective,
     weighted_values,
 )
+from miles.trainer.preference import dpo_gradients
 from miles.trainer.protocol import StepMetrics
 
 UpdateFn = Callable[[nn.Module, TensorBatch, torch.optim.Optimizer], dict[str, float]]
@@ -85,7 +88,7 @@ class TorchTrainer:
         # Eval mode switches dropout off: the ratio pi_theta / pi_old compares against an engine
         # that sampled without dropout. Gradients flow all the same.
         self.model.eval()
-        self.reference = _frozen_copy(self.model) if algorithm.kl_coef > 0 else None
+        self.reference = _frozen_copy(self.model) if algorithm.needs_reference else None
         self.critic = (
             Critic(model_path, algorithm, trainer, self.device)
             if isinstance(algorithm, PPO)
@@ -104,16 +107,13 @@ class TorchTrainer:
             return StepMetrics.from_mapping(self.update_fn(self.model, batch, self.optimizer))
 
         started = time.perf_counter()
-        if self.algorithm.updates_per_batch > 1 and self.algorithm.old_logprobs == "trainer":
-            batch = self._with_trainer_logprobs(batch)
-        if self.critic is not None:
-            batch = self.critic.with_targets(batch)
+        batch, reward_kl = self._with_targets(batch)
         steps: list[dict[str, float]] = []
         optimizer_seconds = 0.0
         for _ in range(self.algorithm.ppo_epochs):
             for part in parts(batch, self.algorithm.mini_batches):
                 self.optimizer.zero_grad(set_to_none=True)
-                metrics = self._accumulate_gradients(part)
+                metrics = self._gradients(part)
                 step_started = time.perf_counter()
                 grad_norm = nn.utils.clip_grad_norm_(
                     self.model.parameters(), self.trainer.grad_clip
@@ -131,6 +131,7 @@ class TorchTrainer:
                 **first,
                 "loss": sum(s["loss"] for s in steps) / len(steps),
                 "grad_norm": sum(s["grad_norm"] for s in steps) / len(steps),
+                **reward_kl,
                 "tokens": float(batch.num_tokens),
                 "optimizer_steps": float(len(steps)),
                 "seconds_forward_backward": time.perf_counter() - started - optimizer_seconds,
@@ -181,6 +182,50 @@ class TorchTrainer:
         raw = bytearray(base64.b64decode(encoded))
         torch.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
 
+    def _with_targets(self, batch: TensorBatch) -> tuple[TensorBatch, dict[str, float]]:
+        """What the updates need beyond the samples: pi_old when there are several, the
+        KL-penalised per-token rewards, the critic's GAE targets or REINFORCE++'s per-token
+        returns. Returns the KL metric when the KL is a reward penalty (else the loss has it)."""
+        algorithm = self.algorithm
+        if isinstance(algorithm, DPO):
+            return batch, {}
+        several = algorithm.updates_per_batch > 1
+        if algorithm.old_logprobs == "trainer" and (several or algorithm.kl_in == "reward"):
+            batch = self._with_trainer_logprobs(batch)
+        metrics = {}
+        if algorithm.kl_in == "reward" and self.reference is not None:
+            batch, metrics["kl"] = self._with_kl_rewards(batch, algorithm)
+        if self.critic is not None:
+            batch = self.critic.with_targets(batch)
+        elif batch.token_rewards is not None:  # REINFORCE++ without a baseline
+            advantages = reinforce_pp_returns(batch.token_rewards, batch.loss_mask)
+            batch = dataclasses.replace(batch, advantages=advantages)
+        return batch, metrics
+
+    def _with_kl_rewards(
+        self, batch: TensorBatch, algorithm: PolicyGradient
+    ) -> tuple[TensorBatch, float]:
+        """``batch`` with the outcome reward minus ``kl_coef`` times the KL of pi_old (the
+        policy that sampled, as the trainer or the engine computed it) to the reference."""
+        assert self.reference is not None and batch.rewards is not None
+        reference = self.reference
+
+        def ref_logprobs(micro: TensorBatch) -> Tensor:
+            with self._autocast():
+                return token_logprobs(reference, micro)
+
+        mask = batch.loss_mask
+        old = (
+            batch.trainer_logprobs if batch.trainer_logprobs is not None else batch.engine_logprobs
+        )
+        ref = per_position(batch, self.trainer.micro_batch_size, ref_logprobs)
+        outcome = outcome_rewards(batch.rewards, mask)
+        rewards = kl_penalized_rewards(
+            outcome, old, ref, mask, algorithm.kl_coef, algorithm.kl_estimator
+        )
+        kl = ((outcome - rewards) * mask).sum() / mask.sum() / algorithm.kl_coef
+        return dataclasses.replace(batch, token_rewards=rewards), float(kl.item())
+
     def _with_trainer_logprobs(self, batch: TensorBatch) -> TensorBatch:
         """``batch`` with the trainer's logprobs before any update: pi_old of every update."""
 
@@ -191,7 +236,17 @@ class TorchTrainer:
         size = self.trainer.micro_batch_size
         return dataclasses.replace(batch, trainer_logprobs=per_position(batch, size, logprobs))
 
-    def _accumulate_gradients(self, batch: TensorBatch) -> dict[str, float]:
+    def _gradients(self, batch: TensorBatch) -> dict[str, float]:
+        algorithm = self.algorithm
+        if isinstance(algorithm, DPO):
+            assert self.reference is not None, "DPO keeps the reference (needs_reference)"
+            size = self.trainer.micro_batch_size
+            return dpo_gradients(self.model, self.reference, batch, algorithm, size, self._autocast)
+        return self._accumulate_gradients(batch, algorithm)
+
+    def _accumulate_gradients(
+        self, batch: TensorBatch, algorithm: PolicyGradient
+    ) -> dict[str, float]:
         """Backward over micro-batches so the summed gradient equals one full-batch backward.
 
         Every aggregation is a weighted mean, so the full-batch loss is the sum of micro-batch
@@ -208,21 +263,21 @@ class TorchTrainer:
                 micro.num_samples,
                 batch.num_samples,
             )
-            objective = self._micro_batch_loss(micro)
+            objective = self._micro_batch_loss(micro, algorithm)
             (objective.loss * weight).backward()
             totals = combine(totals, weighted_values(objective, weight, token_share))
-        return measured(dict(zip(METRICS, totals, strict=True)), self.algorithm)
+        return measured(dict(zip(METRICS, totals, strict=True)), algorithm)
 
-    def _micro_batch_loss(self, micro: TensorBatch) -> MicroObjective:
+    def _micro_batch_loss(self, micro: TensorBatch, algorithm: PolicyGradient) -> MicroObjective:
         with self._autocast():
             logprobs, entropy = token_logprobs_and_entropy(
                 self.model, micro, entropy=self.algorithm.entropy_coef > 0
             )
         ref_logprobs = None
-        if self.reference is not None:  # kept only when kl_coef > 0
+        if self.reference is not None and algorithm.kl_in == "loss":  # kept when kl_coef > 0
             with torch.no_grad(), self._autocast():
                 ref_logprobs = token_logprobs(self.reference, micro)
-        return policy_objective(logprobs, ref_logprobs, entropy, micro, self.algorithm)
+        return policy_objective(logprobs, ref_logprobs, entropy, micro, algorithm)
 
     def _autocast(self) -> AbstractContextManager[None]:
         return torch.autocast(
@@ -231,7 +286,8 @@ class TorchTrainer:
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    """The initial policy, the reference pi_ref of the KL term (arXiv:2402.03300, eq. 3)."""
+    """The initial policy, the reference pi_ref of the KL term (arXiv:2402.03300, eq. 3) and
+    of DPO's implicit reward (arXiv:2305.18290, eq. 7)."""
     reference = copy.deepcopy(model)
     reference.requires_grad_(False)
     return reference

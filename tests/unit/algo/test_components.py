@@ -17,10 +17,12 @@ from miles.algo import (
     group_normalized,
     gspo,
     kl_estimate,
+    kl_penalized_rewards,
     leave_one_out,
     mismatch_weights,
     overlong_penalty,
     ppo_clip,
+    reinforce_pp_returns,
 )
 
 torch.set_num_threads(1)
@@ -566,3 +568,43 @@ def test_overlong_penalty_regions(length: int, expected: float) -> None:
 
 def test_overlong_penalty_off_without_a_cache() -> None:
     assert overlong_penalty(500, 100, 0, 1.0) == 0.0
+
+
+# --- KL as a reward penalty ----------------------------------------------------------------------
+
+
+def test_kl_penalized_rewards_subtract_the_kl_on_every_response_token() -> None:
+    rewards = _t([[0.0, 0.0, 1.0, 0.0]])
+    mask = _t([[1, 1, 1, 0]])
+    logprobs, ref = _t([[-1.0, -2.0, -0.5, -9.0]]), _t([[-1.5, -2.0, -0.25, -1.0]])
+    # k1 = logp - ref_logp: 0.5, 0, -0.25 (and the padding's 8, masked)
+    out = kl_penalized_rewards(rewards, logprobs, ref, mask, coef=0.1, estimator="k1")
+    assert out[0].tolist() == pytest.approx([-0.05, 0.0, 1.025, 0.0], abs=1e-12)
+
+
+def test_reinforce_pp_returns_sum_the_rewards_ahead() -> None:
+    # row 0: rewards 1, 2, 3 on a response with a tool token (mask 0) between the 1 and the 2
+    rewards = _t([[1.0, 5.0, 2.0, 3.0], [0.0, 0.0, 4.0, 0.0]])
+    mask = _t([[1, 0, 1, 1], [0, 1, 1, 0]])
+    g = 0.5
+    returns = [[1 + g * (2 + g * 3), 2 + g * 3, 3.0], [g * 0 + 4 * g, 4.0]]  # row 1: 0 + g*4, 4
+    flat = _t([x for row in returns for x in row])
+    mean = flat.mean()
+    std = torch.sqrt(((flat - mean) ** 2).sum() / (len(flat) - 1) + 1e-8)
+    expected = ((flat - mean) / std).tolist()
+    out = reinforce_pp_returns(rewards, mask, gamma=g)
+    # masked_whiten divides by the token count + 1e-8: within 1e-7 of the exact statistics
+    assert out[mask.bool()].tolist() == pytest.approx(expected, abs=1e-7)
+    assert out[~mask.bool()].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_reinforce_pp_returns_of_an_outcome_reward_are_the_whitened_scores() -> None:
+    g = torch.Generator().manual_seed(4)
+    mask = (torch.rand(6, 5, generator=g) < 0.8).double()
+    mask[:, 0] = 1.0
+    scores = torch.randn(6, generator=g, dtype=torch.float64)
+    last = (torch.arange(5) * mask).argmax(dim=-1)
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(6), last] = scores
+    expected = batch_whitened(scores, mask.sum(dim=-1), None)[:, None] * mask
+    assert torch.allclose(reinforce_pp_returns(rewards, mask), expected, atol=1e-9)

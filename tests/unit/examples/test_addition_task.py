@@ -105,6 +105,16 @@ def test_write_splits(task: ModuleType, tmp_path: Path) -> None:
     assert len((tmp_path / "eval.jsonl").read_text().splitlines()) == 5
 
 
+def test_preference_pairs_reject_a_wrong_answer(task: ModuleType) -> None:
+    problems = task.make_problems(200, seed=0, digits=2)
+    pairs = task.preference_pairs(problems, seed=0)
+    assert [p["chosen"] for p in pairs] == [p["label"] for p in problems]
+    assert all(p["rejected"] != p["chosen"] for p in pairs)
+    assert all(task.reward(p["rejected"], p["chosen"]) == 0.0 for p in pairs)
+    # 57+68: every carry forgotten: 7+8 -> 5, then 5+6 -> 1, and no third digit
+    assert task.preference_pairs([{"prompt": "57+68=", "label": "521"}], 0)[0]["rejected"] == "51"
+
+
 def test_warm_start_saves_a_loadable_model_and_is_cached(task: ModuleType, tmp_path: Path) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     directory = task.warm_start(tmp_path / "warm", steps=2, digits=1, batch_size=8)

@@ -39,6 +39,7 @@ from torch import Tensor
 from transformers import AutoConfig
 
 from miles.config import Algorithm, TrainerConfig
+from miles.config.algorithm import PolicyGradient
 from miles.events import TrainSample
 from miles.trainer.batch import TensorBatch, collate, split
 from miles.trainer.megatron import checkpoint, distributed, hf_io
@@ -67,10 +68,12 @@ class MegatronTrainer:
             raise RuntimeError("call miles.trainer.megatron.distributed.initialize() first")
         if trainer.dtype != "fp32":
             raise NotImplementedError("the Megatron backend trains in fp32 only (see module doc)")
+        if not isinstance(algorithm, PolicyGradient):
+            raise NotImplementedError(f"algorithm {algorithm.name!r} runs on the torch backend")
         torch.set_num_threads(trainer.threads)
         torch.manual_seed(seed)
         self.trainer = trainer
-        self.algorithm = algorithm
+        self.algorithm: PolicyGradient = algorithm
         self.layout = layout
         self.hf_config = AutoConfig.from_pretrained(model_path)
         self.arch = Architecture.from_hf(self.hf_config)

@@ -18,7 +18,7 @@ from megatron.core import tensor_parallel
 from torch import Tensor
 
 from miles.algo import share
-from miles.config import Algorithm
+from miles.config.algorithm import PolicyGradient
 from miles.trainer.batch import TensorBatch
 from miles.trainer.objective import METRICS, policy_objective, weighted_values
 
@@ -47,7 +47,7 @@ def policy_micro_batch_loss(
     ref_logprobs: Tensor | None,
     micro: TensorBatch,
     batch: TensorBatch,
-    algorithm: Algorithm,
+    algorithm: PolicyGradient,
 ) -> MicroBatchLoss:
     """``micro`` is one micro-batch of ``batch``; shares are of the whole batch (every rank)."""
     token_share = micro.num_tokens / batch.num_tokens

@@ -13,6 +13,7 @@ from miles.runtime.subjects import ROLLOUT_CONSUMER
 from miles.telemetry import Metrics
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
+from services.coordinator.sources import Prompts, Source
 
 PROMPTS = [Prompt(f"{i}+1=", str(i + 1)) for i in range(6)]
 
@@ -33,6 +34,10 @@ async def published(bus: MemoryBus) -> list[events.Task]:
     return [task for task, _ in got]
 
 
+def tasks(bus: MemoryBus) -> Source:
+    return Prompts(bus.subjects, "run", PROMPTS, group_size=4, seed=0)
+
+
 def config(*overrides: str) -> MilesConfig:
     return load_config(
         overrides=["buffer.groups_per_batch=2", "buffer.max_staleness=0", "run.steps=3", *overrides]
@@ -41,7 +46,7 @@ def config(*overrides: str) -> MilesConfig:
 
 async def test_the_feed_dispatches_to_the_gate_and_replaces_a_filtered_group() -> None:
     bus, store = await twins()
-    feed = await Feed.resume(bus, store, Metrics("coordinator", "run"), config(), PROMPTS)
+    feed = await Feed.resume(bus, store, Metrics("coordinator", "run"), config(), tasks(bus))
     await feed.dispatch()
     await feed.dispatch()  # the gate holds: nothing more
     assert [(t.task_id, t.policy_version) for t in await published(bus)] == [("t0", 0), ("t1", 0)]
@@ -58,7 +63,7 @@ async def test_the_feed_dispatches_to_the_gate_and_replaces_a_filtered_group() -
 async def test_a_restarted_feed_resumes_at_the_recorded_cursor() -> None:
     bus, store = await twins()
     await store.update(cursor=1)
-    feed = await Feed.resume(bus, store, Metrics("coordinator", "run"), config(), PROMPTS)
+    feed = await Feed.resume(bus, store, Metrics("coordinator", "run"), config(), tasks(bus))
     await feed.dispatch()
     assert [(t.task_id, t.prompt) for t in await published(bus)] == [("t1", "1+1=")]
 
