@@ -142,7 +142,9 @@ def preference_pairs(problems: list[dict[str, str]], seed: int) -> list[dict[str
             place = rng.randrange(len(digits))
             digits[place] = str((int(digits[place]) + rng.randrange(1, 10)) % 10)
             rejected = "".join(digits)
-        pairs.append({"prompt": problem["prompt"], "chosen": problem["label"], "rejected": rejected})
+        pairs.append(
+            {"prompt": problem["prompt"], "chosen": problem["label"], "rejected": rejected}
+        )
     return pairs
 
 

@@ -95,6 +95,15 @@ class EvalRounds:
     def complete(self) -> bool:
         return all(r.complete for r in self.rounds.values())
 
+    def pending(self, step: int) -> int | None:
+        """The step of the oldest round still to be evaluated, with ``step`` committed: one
+        waiting for results, or the one due after ``step`` but not started yet (the step's
+        notice may arrive after the counter moved). None: the policy is not being measured."""
+        waiting = [r.round for r in self.rounds.values() if not r.complete]
+        if self.due(step):
+            waiting.append(step)
+        return min(waiting, default=None)
+
 
 def eval_tasks(run_id: str, round_: int, prompts: list[Prompt], instance: str) -> list[events.Task]:
     """One greedy task per held-out prompt, asking for at least version ``round_``.

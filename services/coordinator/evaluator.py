@@ -58,6 +58,9 @@ class Evaluator:
     def complete(self) -> bool:
         return self.rounds.complete
 
+    def pending(self, step: int) -> int | None:
+        return self.rounds.pending(step)
+
     async def begin(self, step: int) -> None:
         """Evaluate the policy this coordinator starts from, unless that round is recorded."""
         if self.rounds.missing(step):

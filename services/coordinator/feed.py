@@ -61,14 +61,14 @@ class Feed:
         self.metrics.step.set(self.progress.step)
         self.metrics.policy_version.set(self.progress.step)
 
-    async def dispatch(self) -> None:
+    async def dispatch(self, evaluating: int | None = None) -> None:
         """Publish the tasks (or pairs) the bounds allow now, each the root of its own trace.
 
         The task id is the cursor, and the publish is deduplicated by it: a coordinator that
         dies between publishing and recording the cursor publishes the same task again, and
         JetStream keeps one copy.
         """
-        for cursor in self.pacing.due(self.progress, self.cursor):
+        for cursor in self.pacing.due(self.progress, self.cursor, evaluating):
             out = self.source.at(cursor, self.step)
             with telemetry.root_span("dispatch", {"miles.task_id": out.task_id}):
                 await self.bus.publish(out.subject, out.event, msg_id=out.msg_id)

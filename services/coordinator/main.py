@@ -48,7 +48,8 @@ async def main(ctx: ServiceContext) -> None:
     while not ctx.stopping.is_set():
         with ctx.busy():
             await watch.check()
-            await feed.dispatch()  # on the counters refreshed at the end of the last round
+            # on the counters refreshed at the end of the last round
+            await feed.dispatch(evaluator.pending(feed.step))
         with ctx.waiting():
             arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
         with ctx.busy():

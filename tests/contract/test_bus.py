@@ -348,8 +348,8 @@ async def test_listen_matches_wildcards_and_dead_letters_what_does_not_decode(
     await sender.broadcast(bus.subjects.control("stop"), control("one token"))
     await sender.broadcast(f"{root}.heartbeat.rollout.host.1", beat("two tokens under >"))
 
-    assert (await asyncio.wait_for(controls.get(), 5)).reason == "one token"
-    assert (await asyncio.wait_for(beats.get(), 5)).instance == "two tokens under >"
+    assert (await asyncio.wait_for(controls.get(), 20)).reason == "one token"
+    assert (await asyncio.wait_for(beats.get(), 20)).instance == "two tokens under >"
     await asyncio.sleep(0.05)
     assert controls.empty() and beats.empty()
     assert bus.dead_letters == 1

@@ -25,6 +25,10 @@ FAMILIES = {
     "reinforce_pp": [],
     # a critic trained alongside: GAE advantages, 2 epochs x 2 mini-batches (the preset)
     "ppo": [],
+    # offline DPO on the recipe's preference pairs, at a third of the RL learning rate (at 3e-4
+    # it rises, then falls below its start by step 20); and with RPO's NLL term at 3e-4
+    "dpo": ["trainer.lr=1e-4"],
+    "dpo-nll": ["algorithm.nll_coef=1.0"],
     # several optimizer steps per batch: pi_old is the trainer's policy before the first
     "grpo-ppo-epochs": ["algorithm.ppo_epochs=2", "algorithm.mini_batches=2"],
     # truncated importance sampling between the engine's and the trainer's logprobs

@@ -642,3 +642,55 @@ async def test_trainer_commits_a_step_once(on_ray: Harness) -> None:
     assert await h.store.policy_version() == 1
     assert await h.stored("weights") == 1  # the re-announcement was deduped
     await h.nothing_more(ledger, 0.5)
+
+
+# --- offline DPO: coordinator, buffer and trainer, no rollout or reward service ------------------
+
+
+async def test_dpo_trains_on_pairs_without_rollout_or_reward(
+    nats_server: embedded.Server,
+    redis_server: embedded.Server,
+    ray_cluster: str,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(8)]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    held_out = _jsonl(tmp_path / "eval.jsonl", [("2+2=", "4")])
+    config = _config(
+        nats_server,
+        redis_server,
+        "algorithm.name='dpo'",
+        f'model.path="{tiny_model}"',
+        f'infra.ray_address="{ray_cluster}"',
+        f'data.train_path="{pairs}"',
+        f'data.eval_path="{held_out}"',
+        "buffer.groups_per_batch=2",
+        "run.steps=2",
+        "coordinator.eval_every=100",
+        "coordinator.eval_timeout_seconds=1.0",  # nobody generates: the rounds end partial
+        "trainer.threads=1",
+    )
+    h = await Harness.open(config, _recipe(tmp_path), tmp_path)
+    try:
+        h.start("coordinator", coordinator_main)
+        h.start("buffer", buffer_main)
+        h.start("trainer", trainer_main)
+        manifests = Manifests(h.store.redis, h.run_id)
+
+        async def two_steps() -> bool:
+            return await manifests.latest_step() == 2
+
+        await h.wait_for(two_steps, timeout=120)
+        first, second = await manifests.all()
+        assert first.sample_ids == ["t0/chosen", "t0/rejected", "t1/chosen", "t1/rejected"]
+        assert second.task_ids == ["t2", "t3"]
+        assert first.metrics["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
+        assert first.reward_mean == 0.5
+        assert second.metrics["dpo_margin"] != 0.0  # the first update moved the policy
+        tasks = await h.bus.pull("tasks", ROLLOUT_CONSUMER)
+        dispatched = [task for task, _ in await h.bus.fetch(tasks, events.Task, 10, 1.0)]
+        assert dispatched and all(task.split == "eval" for task in dispatched)  # no train task
+    finally:
+        await h.close()

@@ -1,8 +1,10 @@
 """Makes verl importable for the parity tests in this folder, or skips them.
 
 ``make venv`` installs verl 0.9.1 without its dependencies (vLLM, flash-attn, ...) into
-``.venv/reference``, outside site-packages, so that nothing but these tests sees it. The folder is
-appended to the end of ``sys.path``: every package of the main venv is found first.
+``.venv/reference``, outside site-packages, so that nothing but these tests sees it. The folder
+is on ``sys.path`` only while the modules the tests use are imported, then taken off again: verl's
+wheel ships a regular package named ``tests``, which would shadow this repository's ``tests``
+(a namespace package) in every process that inherits the path, such as Megatron's spawned ranks.
 """
 
 from __future__ import annotations
@@ -12,17 +14,18 @@ from pathlib import Path
 
 import pytest
 
-# verl's wheel also ships a regular package named ``tests``. A regular package anywhere on the
-# path wins over a namespace package, such as this repository's ``tests``, so pin ours in
-# sys.modules before the folder is on the path.
+# Pin this repository's ``tests`` in sys.modules before the folder is on the path.
 import tests  # noqa: F401
 
 REFERENCE = Path(sys.prefix) / "reference"
-if str(REFERENCE) not in sys.path:
-    sys.path.append(str(REFERENCE))
 
+sys.path.append(str(REFERENCE))
 try:
-    import verl.trainer.ppo.core_algos  # noqa: F401
+    # Everything the tests reach, imported while the folder is on the path.
+    import verl.trainer.config
+    import verl.trainer.ppo.core_algos
+    import verl.utils.torch_functional
+    import verl.workers.config  # noqa: F401
 except ImportError:
     MISSING: str | None = (
         "verl's core_algos is not importable: run make venv "
@@ -30,6 +33,8 @@ except ImportError:
     )
 else:
     MISSING = None
+finally:
+    sys.path.remove(str(REFERENCE))
 
 
 class _Skipped(pytest.Module):

@@ -266,6 +266,13 @@ class DPO(Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="cDPO's share of preference labels assumed flipped."
     )
+    nll_coef: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the chosen response's per-token negative log-likelihood added "
+        "to the loss (RPO, Pang et al. 2024, arXiv:2404.19733, eq. 1; TRL's rpo_alpha): keeps "
+        "the chosen likelihood from falling with the rejected one. 0: plain DPO.",
+    )
 
     advantage: ClassVar[AdvantageName] = "pair"
     policy_loss: ClassVar[PolicyLossName] = "dpo"

@@ -1,4 +1,5 @@
-"""DPO's gradient on a batch of preference pairs, over micro-batches.
+"""DPO's gradient on a batch of preference pairs, over micro-batches (with RPO's NLL term on
+the chosen response when ``nll_coef`` > 0).
 
 The buffer lays a DPO batch out as pairs: rows ``2i`` (chosen, advantage +1) and ``2i + 1``
 (rejected, advantage -1) answer the same prompt. A pair's loss needs both of its rows, so
@@ -18,7 +19,14 @@ from miles.algo import dpo
 from miles.config import DPO
 from miles.trainer.batch import TensorBatch, split, token_logprobs
 
-METRICS = ("loss", "dpo_chosen_reward", "dpo_rejected_reward", "dpo_margin", "dpo_accuracy")
+METRICS = (
+    "loss",
+    "dpo_chosen_nll",
+    "dpo_chosen_reward",
+    "dpo_rejected_reward",
+    "dpo_margin",
+    "dpo_accuracy",
+)
 
 
 def sequence_logprobs(logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -68,10 +76,13 @@ def dpo_gradients(
             algorithm.beta,
             algorithm.label_smoothing,
         )
+        nll = -policy[0::2] / mask[0::2].sum(dim=-1)  # per token of the chosen response
+        loss = loss + algorithm.nll_coef * nll if algorithm.nll_coef > 0 else loss
         share = micro.num_samples / 2 / pairs
         (loss.mean() * share).backward()
         values = (
             loss.mean().item(),
+            nll.mean().item(),
             stats.chosen_reward,
             stats.rejected_reward,
             stats.margin,

@@ -185,3 +185,16 @@ def test_the_reference_is_the_initial_policy_after_a_resume(model_dir: str, tmp_
     again = resumed.train_step(samples)
     assert again.loss == expected.loss
     assert again.extra == expected.extra
+
+
+def test_rpo_adds_the_chosen_per_token_nll(model_dir: str) -> None:
+    config = TrainerConfig(threads=1, micro_batch_size=64, lr=1e-3)
+    trainer = TorchTrainer(model_dir, config, DPO(beta=0.5, nll_coef=0.7), seed=0)
+    samples = _pairs(4)
+    batch = collate(samples, pad_id=0)
+    with torch.no_grad():
+        seq = sequence_logprobs(token_logprobs(trainer.model, batch), batch.loss_mask)
+    nll = (-seq[0::2] / batch.loss_mask[0::2].sum(dim=-1)).mean().item()
+    metrics = trainer.train_step(samples)
+    assert metrics.extra["dpo_chosen_nll"] == pytest.approx(nll, abs=1e-6)
+    assert metrics.loss == pytest.approx(math.log(2) + 0.7 * nll, abs=1e-6)

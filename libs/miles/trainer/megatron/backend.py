@@ -109,6 +109,7 @@ class MegatronTrainer:
                 **measured(dict(zip(METRICS, totals.tolist(), strict=True)), self.algorithm),
                 "grad_norm": grad_norm,
                 "tokens": float(batch.num_tokens),
+                "optimizer_steps": 1.0,  # one update per batch on this backend (the config)
                 "seconds_forward_backward": backward_done - started,
                 "seconds_optimizer": time.perf_counter() - backward_done,
             }

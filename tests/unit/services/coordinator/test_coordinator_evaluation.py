@@ -136,3 +136,16 @@ def test_eval_tasks_are_greedy_single_samples_named_by_round_and_instance() -> N
     assert {(t.split, t.greedy, t.group_size, t.eval_round, t.policy_version) for t in tasks} == {
         ("eval", True, 1, 4, 4)
     }
+
+
+def test_pending_names_the_oldest_round_to_measure_started_or_not() -> None:
+    r = rounds()
+    assert r.pending(1) is None  # nothing due after step 1, nothing open
+    assert r.pending(2) == 2  # due, not started yet: the step's notice is still on its way
+    r.start(2, ["a"], now=0.0)
+    assert r.pending(2) == 2 and r.pending(3) == 2  # open until its result is in
+    assert r.record(result("a", 1.0)) is not None
+    assert r.pending(3) is None
+    r.start(4, ["b"], now=0.0)
+    assert r.overdue(now=100.0)  # written partial: no longer pending
+    assert r.pending(4) is None

@@ -3,6 +3,8 @@ in-flight bound, filtered groups replaced, a restarted coordinator resuming at i
 
 from __future__ import annotations
 
+import dataclasses
+
 from miles.config import load_config
 from miles.data import Prompt
 from services.coordinator.pacing import Pacing, Progress, training_task
@@ -80,3 +82,20 @@ def test_pacing_reads_its_bounds_from_the_config() -> None:
         ]
     )
     assert Pacing.from_config(config) == pacing(5, 3, 1, 4)
+
+
+def test_the_evaluation_barrier_holds_the_next_step_until_the_round_is_in() -> None:
+    barrier = Pacing(steps=10, groups_per_batch=2, max_staleness=0, max_groups_in_flight=64)
+    barrier = dataclasses.replace(barrier, eval_barrier=True)
+    assert barrier.allowed(Progress(), evaluating=0) == 0  # the initial policy is measured first
+    assert barrier.allowed(Progress(), evaluating=None) == 2
+    after_5 = Progress(step=5, trained_groups=10)
+    assert barrier.allowed(after_5, evaluating=5) == 10  # step 6's groups wait for round 5
+    assert barrier.allowed(after_5, evaluating=None) == 12
+    # without the barrier (RL: eval tasks queue ahead of train tasks) the round does not gate
+    assert pacing().allowed(after_5, evaluating=5) == 12
+
+
+def test_the_barrier_is_on_for_offline_dpo_only() -> None:
+    assert Pacing.from_config(load_config(overrides=["algorithm.name=dpo"])).eval_barrier
+    assert not Pacing.from_config(load_config()).eval_barrier
