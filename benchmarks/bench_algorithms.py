@@ -40,6 +40,10 @@ VARIANTS: dict[str, list[str]] = {name: [f"algorithm.name={name}"] for name in A
 # NLL term on the chosen response (algorithm.nll_coef) at the recipe's rate.
 VARIANTS["dpo"] += ["trainer.lr=1e-4"]
 VARIANTS["dpo+nll"] = ["algorithm.name=dpo", "algorithm.nll_coef=1.0"]
+# DAPO's soft overlong punishment starts at max_new_tokens - L_cache: with the demo's budget of
+# 4 tokens every 3-digit answer (3 digits and EOS) is punished to a reward of 0. With 8 tokens
+# the punishment only reaches answers longer than any right one.
+VARIANTS["dapo+len8"] = ["algorithm.name=dapo", "rollout.max_new_tokens=8"]
 
 
 def run(work: Path, ray_address: str, algorithm: str, seed: int, steps: int) -> dict:

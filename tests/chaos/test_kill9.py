@@ -93,16 +93,21 @@ def test_trainer_killed_mid_batch_with_several_updates_per_batch(chaos: Chaos) -
     assert check(chaos, finished) == reference
 
 
-def test_trainer_killed_before_commit_in_offline_dpo(chaos: Chaos) -> None:
-    """DPO's pairs go from the coordinator straight to the buffer; a trainer killed before the
-    commit retrains its batch of pairs against the same reference, bit for bit."""
-    dpo = ["algorithm.name='dpo'"]
-    reference = check(chaos, chaos.run("dpo", settings=dpo), tasks=False)
-    run_id = "dpo-killed"
-    finished = chaos.run(run_id, crash_at="trainer.stepped@3", settings=dpo)
+@pytest.mark.parametrize("algorithm", ["ppo", "dpo"])
+def test_trainer_killed_before_commit_with_a_critic_or_a_reference(
+    chaos: Chaos, algorithm: str
+) -> None:
+    """PPO: the critic's weights and moments come back from the trainer's state with the
+    policy's. DPO: pairs go from the coordinator straight to the buffer, and the batch is
+    retrained against the same frozen reference. Either way, bit for bit."""
+    settings = [f"algorithm.name='{algorithm}'"]
+    tasks = algorithm != "dpo"  # offline DPO dispatches no prompt task
+    reference = check(chaos, chaos.run(algorithm, settings=settings), tasks=tasks)
+    run_id = f"{algorithm}-killed"
+    finished = chaos.run(run_id, crash_at="trainer.stepped@3", settings=settings)
     assert chaos.marker(run_id).exists(), "trainer.stepped was never reached"
     assert finished.summary["restarts"]["trainer"] >= 1
-    assert check(chaos, finished, tasks=False) == reference
+    assert check(chaos, finished, tasks=tasks) == reference
 
 
 def _wait_for_step(redis_url: str, run_id: str, step: int) -> None:

@@ -20,7 +20,6 @@ Tolerances asserted (max abs differences measured on this machine in brackets):
 from __future__ import annotations
 
 import functools
-import random
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is an optional depend
 
 from miles.trainer.megatron.model import MegatronLayout
 from miles.trainer.megatron.spawn import run_ranks
+from tests.contract.test_trainer_backend import make_samples
 
 # The spawned ranks import this module to find their program: transformers' model classes and
 # TorchTrainer are imported inside the tests, which keeps each rank's start-up to Megatron's.
@@ -94,27 +94,6 @@ def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
                 parameter.normal_(std=0.1)
     model.save_pretrained(directory)
     return str(directory)
-
-
-def make_samples(count: int = 6, vocab: int = 14) -> list[TrainSample]:
-    """Prompts and responses of different lengths, behaviour logprobs and mixed advantages."""
-    rng = random.Random(SEED)
-    samples = []
-    for index in range(count):
-        prompt = [rng.randrange(2, vocab) for _ in range(rng.randrange(2, 6))]
-        response = [rng.randrange(1, vocab) for _ in range(rng.randrange(1, 5))]
-        samples.append(
-            TrainSample(
-                sample_id=f"s{index}",
-                prompt_ids=prompt,
-                response_ids=response,
-                response_logprobs=[rng.uniform(-3.0, -0.5) for _ in response],
-                advantage=rng.uniform(-1.0, 1.0),
-                reward=0.0,
-                policy_version=0,
-            )
-        )
-    return samples
 
 
 def max_abs_diff(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
@@ -288,7 +267,7 @@ def test_grpo_step_equals_torch_trainer(
     # engine logprobs so the reference model and ratios != 1 are exercised.
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-3, grad_clip=0.05)
     grpo = GRPO(kl_coef=0.1, old_logprobs="engine", aggregation=aggregation)
-    samples = make_samples()
+    samples = make_samples(SEED)
 
     reference = TorchTrainer(llama_dir, trainer, grpo, SEED)
     expected = reference.train_step(samples)
@@ -308,7 +287,7 @@ def test_grpo_step_equals_torch_trainer(
 def test_resume_from_state_continues_bit_for_bit(llama_dir: str, tmp_path: Path) -> None:
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
     grpo = GRPO(kl_coef=0.1, old_logprobs="engine", aggregation="token_mean")
-    args = (llama_dir, TP2, trainer, grpo, make_samples(), str(tmp_path))
+    args = (llama_dir, TP2, trainer, grpo, make_samples(SEED), str(tmp_path))
     state_sha, metrics, final_sha = run_ranks(
         functools.partial(_steps_with_checkpoint, *args), TP2
     )[0]
@@ -326,7 +305,7 @@ def test_resume_under_another_layout(llama_dir: str, tmp_path: Path) -> None:
     """A TP=2 checkpoint resumed by a 2-stage pipeline: dist_checkpointing reshards it."""
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
     grpo = GRPO(kl_coef=0.1, old_logprobs="engine", aggregation="token_mean")
-    samples = make_samples()
+    samples = make_samples(SEED)
     args = (llama_dir, TP2, trainer, grpo, samples, str(tmp_path))
     _, metrics, _ = run_ranks(functools.partial(_steps_with_checkpoint, *args), TP2)[0]
     resume_args = (llama_dir, PP2, trainer, grpo, samples, str(tmp_path))
@@ -345,7 +324,7 @@ def test_ray_group_runs_a_step(ray_cluster: str, llama_dir: str, tmp_path: Path)
 
     trainer = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-3)
     grpo = GRPO(kl_coef=0.0, aggregation="token_mean")
-    samples = make_samples()
+    samples = make_samples(SEED)
     expected = TorchTrainer(llama_dir, trainer, grpo, SEED).train_step(samples)
     group = MegatronRayGroup(llama_dir, trainer, grpo, SEED, TP2)
     try:
