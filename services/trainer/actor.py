@@ -16,6 +16,7 @@ from miles.config import MilesConfig
 from miles.events import TrainSample
 from miles.recipe import Recipe, load_recipe
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
+from miles.trainer.schedule import lr_factor
 from miles.weights.push import Broadcast, SharedTensors, Transport, WeightPush, unique_tensors
 
 
@@ -29,6 +30,8 @@ class TrainerActor:
         config = MilesConfig.model_validate_json(config_json)
         self.backend = build_backend(config, load_recipe(recipe_path))
         self.rollout = config.rollout
+        self.trainer = config.trainer
+        self.decay_steps = config.trainer.decay_steps or config.run.steps
         self.pusher: WeightPush | None = None
 
     def _at(self, step: int) -> None:
@@ -43,9 +46,14 @@ class TrainerActor:
         threads), for the service's CPU-per-phase metrics: the work runs here, not there."""
         self._at(at_step)
         cpu = time.process_time()
+        t = self.trainer
+        factor = lr_factor(at_step, t.lr_schedule, t.warmup_steps, self.decay_steps, t.min_lr_ratio)
+        # Set before every step from the step's number alone: a restarted actor, loaded from any
+        # manifest, trains the next step at the rate an uninterrupted run would have used.
+        self.backend.scale_learning_rate(factor)
         metrics = self.backend.train_step(samples)
         self.step += 1
-        return metrics.with_cpu_seconds(time.process_time() - cpu)
+        return metrics.with_cpu_seconds(time.process_time() - cpu).with_lr(t.lr * factor)
 
     def push_weights(self, urls: list[str], version: int) -> list[str]:
         """Push the weights of step ``version`` into the engines at ``urls``

@@ -224,3 +224,19 @@ def test_zero_lr_leaves_the_weights_unchanged(backends: Backends, tmp_path: Path
         after = weights(backend, tmp_path / "after")
     assert metrics.grad_norm is not None and metrics.grad_norm > 0  # there was a gradient
     assert same(after, before)
+
+
+def test_a_learning_rate_scaled_to_zero_and_back(backends: Backends, tmp_path: Path) -> None:
+    """``scale_learning_rate(0)`` freezes the next step (weight decay included: AdamW scales it
+    by the rate); back at 1 the step moves the weights again."""
+    decaying = TRAINER.model_copy(update={"weight_decay": 0.1})
+    with backends.fresh(decaying) as backend:
+        backend.scale_learning_rate(0.0)
+        before = weights(backend, tmp_path / "before")
+        backend.train_step(make_samples(6))
+        frozen = weights(backend, tmp_path / "frozen")
+        backend.scale_learning_rate(1.0)
+        backend.train_step(make_samples(7))
+        moved = weights(backend, tmp_path / "moved")
+    assert same(frozen, before)
+    assert not same(moved, before)

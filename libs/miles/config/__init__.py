@@ -182,7 +182,21 @@ class TrainerConfig(_Section):
     tensor_parallel: int = Field(1, ge=1, description="Megatron: tensor-parallel size.")
     pipeline_parallel: int = Field(1, ge=1, description="Megatron: pipeline-parallel size.")
     data_parallel: int = Field(1, ge=1, description="Megatron: data-parallel size.")
-    lr: float = Field(1e-4, ge=0)
+    lr: float = Field(1e-4, ge=0, description="The base learning rate (the schedule's peak).")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="How the rate moves over the run's steps after the warmup "
+        "(miles.trainer.schedule): constant, linear or cosine decay to lr * min_lr_ratio.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Steps of linear warmup from lr / warmup_steps up to lr."
+    )
+    decay_steps: int | None = Field(
+        None, ge=1, description="The step at which the decay ends; None: run.steps."
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="Where linear and cosine decay end, as a share of lr."
+    )
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)

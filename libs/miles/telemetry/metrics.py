@@ -31,6 +31,7 @@ Learning signals
   ``miles_train_mismatch_weight_max``, ``miles_train_mismatch_masked_ratio``: the train/inference
   mismatch of the last step (k3 KL between the trainer's and the engine's logprobs, the mean and
   largest ratio pi_trainer / pi_engine, the share of tokens masked importance sampling dropped).
+- ``miles_train_learning_rate``: the policy's learning rate in the last step (the schedule's).
 
 Off-policy lag
 - ``miles_sample_staleness``: histogram of trainer version minus a sample's policy version.
@@ -131,6 +132,7 @@ TRAIN_SIGNALS = (
     ("mismatch_ratio_mean", "mismatch_weight_mean", "mean pi_trainer / pi_engine, last step"),
     ("mismatch_ratio_max", "mismatch_weight_max", "largest pi_trainer / pi_engine, last step"),
     ("mismatch_masked", "mismatch_masked_ratio", "share of tokens MIS dropped, last step"),
+    ("lr", "learning_rate", "the policy's learning rate in the last step (the schedule's)"),
 )
 """Step metrics exported as gauges: (StepMetrics key, metric name without prefix, help)."""
 

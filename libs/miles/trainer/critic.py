@@ -34,10 +34,18 @@ class Critic:
         )
         self.model.to(device)  # type: ignore[arg-type]
         self.model.eval()  # no dropout, as the policy
-        lr = trainer.lr if algorithm.critic_lr is None else algorithm.critic_lr
+        self.lr = trainer.lr if algorithm.critic_lr is None else algorithm.critic_lr
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=lr, betas=trainer.betas, weight_decay=trainer.weight_decay
+            self.model.parameters(),
+            lr=self.lr,
+            betas=trainer.betas,
+            weight_decay=trainer.weight_decay,
         )
+
+    def scale_learning_rate(self, factor: float) -> None:
+        """The policy's schedule applies to the critic's own base rate."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * factor
 
     def values(self, batch: TensorBatch) -> Tensor:
         """``[N, T - 1]``: V(input_ids[:, :t + 1]) at position t."""

@@ -59,6 +59,8 @@ class StepMetrics(Mapping[str, float]):
     seconds_optimizer: float | None = None
     cpu_seconds: float | None = None
     """The trainer actor's CPU time for the whole call (set by the actor, not the backend)."""
+    lr: float | None = None
+    """The policy's learning rate for the step (set by the actor, from the schedule)."""
     extra: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -75,6 +77,9 @@ class StepMetrics(Mapping[str, float]):
 
     def with_cpu_seconds(self, seconds: float) -> StepMetrics:
         return dataclasses.replace(self, cpu_seconds=seconds)
+
+    def with_lr(self, lr: float) -> StepMetrics:
+        return dataclasses.replace(self, lr=lr)
 
     def to_dict(self) -> dict[str, float]:
         """The manifest's ``metrics`` (and the telemetry's input): the reported keys only."""
@@ -107,6 +112,7 @@ class StepMetrics(Mapping[str, float]):
             "seconds_forward_backward": self.seconds_forward_backward,
             "seconds_optimizer": self.seconds_optimizer,
             "cpu_seconds": self.cpu_seconds,
+            "lr": self.lr,
         }
         return {key: value for key, value in named.items() if value is not None} | dict(self.extra)
 
@@ -127,6 +133,11 @@ class TrainerBackend(Protocol):
         """One batch: ``algorithm.ppo_epochs * mini_batches`` optimizer steps on ``samples``.
         The built-in step reports every named field of ``StepMetrics`` except ``cpu_seconds``
         (and ``optimizer_steps`` and ``entropy`` where a backend takes one step per batch)."""
+        ...
+
+    def scale_learning_rate(self, factor: float) -> None:
+        """Set every optimizer's rate to its configured base times ``factor`` (the schedule's,
+        ``miles.trainer.schedule``) for the steps that follow."""
         ...
 
     def save_weights(self, directory: str) -> str:

@@ -139,6 +139,12 @@ class TorchTrainer:
             }
         )
 
+    def scale_learning_rate(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.trainer.lr * factor
+        if self.critic is not None:
+            self.critic.scale_learning_rate(factor)
+
     def save_weights(self, directory: str) -> str:
         # transformers 5 always writes safetensors (``safe_serialization`` is gone) and keeps HF
         # parameter names (``save_original_format=True`` by default).

@@ -115,6 +115,10 @@ class MegatronTrainer:
             }
         )
 
+    def scale_learning_rate(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.trainer.lr * factor
+
     def save_weights(self, directory: str) -> str:
         """HF-named ``model.safetensors`` and ``config.json``, written by rank 0; its sha256."""
         tensors = hf_io.gather_hf_weights(self.model, self.arch)

@@ -67,6 +67,9 @@ class MegatronRank:
     def train_step(self, samples: list[TrainSample]) -> StepMetrics:
         return self.backend.train_step(samples)
 
+    def scale_learning_rate(self, factor: float) -> None:
+        self.backend.scale_learning_rate(factor)
+
     def save_weights(self, directory: str) -> str:
         return self.backend.save_weights(directory)
 
@@ -154,6 +157,9 @@ class MegatronRayGroup:
         """Gathered over the ranks on rank 0, and sent from there."""
         tensors: dict[str, Tensor] = self._on_all(lambda rank: rank.named_tensors.remote())
         return tensors
+
+    def scale_learning_rate(self, factor: float) -> None:
+        self._on_all(lambda rank: rank.scale_learning_rate.remote(factor))
 
     def save_state(self, directory: str) -> str:
         return str(self._on_all(lambda rank: rank.save_state.remote(directory)))
