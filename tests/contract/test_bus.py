@@ -14,6 +14,7 @@ import pickle
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -337,6 +338,27 @@ async def test_listen_matches_wildcards_and_dead_letters_what_does_not_decode(
             wait_seconds=0.0,
             processed=0,
         )
+
+    # Core NATS is at-most-once: a probe on each listener first (sent until it is heard, as
+    # the full suite once lost the first messages to a fresh subscription under load), so what
+    # follows tests the matching, not the start-up.
+    async def heard(queue: asyncio.Queue[Any], send: Callable[[], Awaitable[None]]) -> None:
+        for _ in range(100):
+            await send()
+            try:
+                await asyncio.wait_for(queue.get(), 0.2)
+                return
+            except TimeoutError:
+                continue
+        raise AssertionError("a listener never heard its probe")
+
+    await heard(controls, lambda: sender.broadcast(bus.subjects.control("probe"), control("p")))
+    await heard(beats, lambda: sender.broadcast(bus.subjects.heartbeat("p", "p"), beat("p")))
+    await asyncio.sleep(0.3)  # probes sent twice arrive late here, not below
+    while not controls.empty():
+        controls.get_nowait()
+    while not beats.empty():
+        beats.get_nowait()
 
     root = bus.subjects.root
     # Not for these listeners: `*` is one token, `>` at least one, and another run is another.
