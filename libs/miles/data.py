@@ -4,7 +4,6 @@ or, for DPO, of preference pairs ``{"prompt": ..., "chosen": ..., "rejected": ..
 from __future__ import annotations
 
 import json
-from itertools import islice
 from pathlib import Path
 
 import msgspec
@@ -29,6 +28,13 @@ class Preference(msgspec.Struct):
 PREFERENCE_KEYS = ("prompt", "chosen", "rejected")
 
 
+def prompt(row: object, where: str) -> Prompt:
+    """One prompt row (the label stringified), or a one-line error naming ``where``."""
+    if not isinstance(row, dict) or "prompt" not in row:
+        raise ValueError(f"{where}: expected {{'prompt': ..., 'label': ...}}")
+    return Prompt(prompt=str(row["prompt"]), label=str(row.get("label", "")))
+
+
 def preference(row: object, where: str) -> Preference:
     """One preference row, or a one-line error naming ``where`` and what is missing."""
     if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in PREFERENCE_KEYS):
@@ -38,57 +44,37 @@ def preference(row: object, where: str) -> Preference:
     return Preference(prompt=row["prompt"], chosen=row["chosen"], rejected=row["rejected"])
 
 
-def load_preferences(config: MilesConfig, recipe: Recipe) -> list[Preference]:
-    """The train split as preference pairs: ``data.train_path`` or the recipe's dataset."""
-    path = config.data.train_path
+def rows(config: MilesConfig, recipe: Recipe, split: str) -> list[tuple[str, object]]:
+    """The split's rows, each with where it came from (``file:line``, or the dataset's index):
+    ``data.<split>_path`` (JSONL) or the recipe's ``@miles.dataset``."""
+    path = config.data.train_path if split == "train" else config.data.eval_path
     if path is not None:
-        pairs = []
+        found: list[tuple[str, object]] = []
         for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
             if line.strip():
-                where = f"{path}:{number}"
                 try:
-                    row = json.loads(line)
+                    found.append((f"{path}:{number}", json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: not JSON ({exc.msg})") from exc
-                pairs.append(preference(row, where))
-    elif recipe.dataset is not None:
-        pairs = [
-            preference(row, f"@miles.dataset row {i}")
-            for i, row in enumerate(recipe.dataset("train"))
-        ]
-    else:
-        raise ValueError("no train data: set data.train_path or add a @miles.dataset function")
+                    raise ValueError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+        return found
+    if recipe.dataset is not None:
+        return [(f"@miles.dataset row {i}", row) for i, row in enumerate(recipe.dataset(split))]
+    raise ValueError(f"no {split} data: set data.{split}_path or add a @miles.dataset function")
+
+
+def load_preferences(config: MilesConfig, recipe: Recipe) -> list[Preference]:
+    """The train split as preference pairs (DPO)."""
+    pairs = [preference(row, where) for where, row in rows(config, recipe, "train")]
     if not pairs:
         raise ValueError("the train dataset is empty")
     return pairs
 
 
-def read_jsonl(path: Path) -> list[Prompt]:
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows.append(Prompt(prompt=str(row["prompt"]), label=str(row.get("label", ""))))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{number}: expected {{'prompt': ..., 'label': ...}}") from exc
-    return rows
-
-
 def load_prompts(config: MilesConfig, recipe: Recipe, split: str) -> list[Prompt]:
-    path = config.data.train_path if split == "train" else config.data.eval_path
-    if path is not None:
-        rows = read_jsonl(path)
-    elif recipe.dataset is not None:
-        rows = [
-            Prompt(prompt=str(r["prompt"]), label=str(r.get("label", "")))
-            for r in recipe.dataset(split)
-        ]
-    else:
-        raise ValueError(f"no {split} data: set data.{split}_path or add a @miles.dataset function")
+    found = rows(config, recipe, split)
     if split == "eval":
-        rows = list(islice(rows, config.data.eval_size))
-    if not rows:
+        found = found[: config.data.eval_size]
+    prompts = [prompt(row, where) for where, row in found]
+    if not prompts:
         raise ValueError(f"the {split} dataset is empty")
-    return rows
+    return prompts

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from miles import events
 from miles.config import DPO, MilesConfig
-from miles.data import Prompt
 
 
 @dataclass(frozen=True)
@@ -66,20 +64,3 @@ class Pacing:
     def due(self, progress: Progress, cursor: int, evaluating: int | None = None) -> range:
         """The cursors to dispatch now, from ``cursor`` on (empty when it is past the bounds)."""
         return range(cursor, max(cursor, self.allowed(progress, evaluating)))
-
-
-def training_task(
-    run_id: str, prompts: list[Prompt], cursor: int, policy_version: int, group_size: int, seed: int
-) -> events.Task:
-    """The task at ``cursor``: the dataset cycled, its id the cursor (the publish dedupes by it),
-    its sampling seed derived from the run's, so a re-sent task generates the same group."""
-    prompt = prompts[cursor % len(prompts)]
-    return events.Task(
-        run_id=run_id,
-        policy_version=policy_version,
-        task_id=f"t{cursor}",
-        prompt=prompt.prompt,
-        label=prompt.label,
-        group_size=group_size,
-        seed=seed * 1_000_003 + cursor,
-    )

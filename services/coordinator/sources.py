@@ -20,7 +20,6 @@ from miles.config import DPO, MilesConfig
 from miles.data import Preference, Prompt, load_preferences, load_prompts
 from miles.recipe import Recipe
 from miles.runtime.subjects import Subjects
-from services.coordinator.pacing import training_task
 
 Encode = Callable[[str], list[int]]
 
@@ -35,6 +34,23 @@ class Dispatch:
 
 class Source(Protocol):
     def at(self, cursor: int, policy_version: int) -> Dispatch: ...
+
+
+def training_task(
+    run_id: str, prompts: list[Prompt], cursor: int, policy_version: int, group_size: int, seed: int
+) -> events.Task:
+    """The task at ``cursor``: the dataset cycled, its id the cursor (the publish dedupes by it),
+    its sampling seed derived from the run's, so a re-sent task generates the same group."""
+    prompt = prompts[cursor % len(prompts)]
+    return events.Task(
+        run_id=run_id,
+        policy_version=policy_version,
+        task_id=f"t{cursor}",
+        prompt=prompt.prompt,
+        label=prompt.label,
+        group_size=group_size,
+        seed=seed * 1_000_003 + cursor,
+    )
 
 
 @dataclass(frozen=True)

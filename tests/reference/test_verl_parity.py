@@ -13,6 +13,9 @@ float64, with log-ratios within ±0.5 (±1.5 where the dual clip must bite) so t
 numerical clamps (log-ratio to ±20, KL to ±10) do not, except in the test that checks them.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +26,7 @@ from verl.trainer.config import AlgoConfig
 from verl.workers.config import ActorConfig
 
 from miles.algo import (
+    PolicyLossStats,
     aggregate,
     batch_whitened,
     cispo,
@@ -183,7 +187,10 @@ def test_aggregate_is_verls_agg_loss(mode: str, empty_row: bool) -> None:
 # --- policy losses ------------------------------------------------------------------------------
 
 
-def _policy_batch(log_ratios: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+PolicyBatch = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _policy_batch(log_ratios: Tensor) -> PolicyBatch:
     """Two leaf copies of the same logprobs (one per side, for their gradients), pi_old,
     per-sequence advantages and a mask."""
     old = -3.0 * torch.rand(N, T, dtype=torch.float64)
@@ -206,22 +213,37 @@ def _norm_tokens(mode: str) -> int:
     return T if mode == "seq_mean_token_sum_norm" else 1
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_ppo_clip_with_dual_clip_is_verls_vanilla(mode: str) -> None:
-    # PPO (arXiv:1707.06347, eq. 7) with DAPO's clip-higher (eps_low 0.2, eps_high 0.28) and the
-    # dual clip c = 3 (arXiv:1912.09729, eq. 6): ratios up to e^1.5 = 4.5 so that c bites.
-    ours_lp, their_lp, old, advantages, mask = _policy_batch(_uniform(-1.5, 1.5, N, T))
-    per_token, stats = ppo_clip(ours_lp, old, advantages, mask, EPS_LOW, EPS_HIGH, DUAL_CLIP)
+def _same_as_verl(
+    verl_loss: Callable[..., tuple[Tensor, dict[str, Any]]],
+    batch: PolicyBatch,
+    per_token: Tensor,
+    stats: PolicyLossStats,
+    mode: str,
+) -> dict[str, Any]:
+    """Our per-token loss, aggregated by ``mode``, against verl's policy loss on the same
+    batch: the value, the gradient of the logprobs and the clip fraction. verl's metrics."""
+    ours_lp, their_lp, old, advantages, mask = batch
     ours = aggregate(per_token, mask, mode, _norm_tokens(mode))  # type: ignore[arg-type]
-    theirs, metrics = core_algos.compute_policy_loss_vanilla(
+    theirs, metrics = verl_loss(
         old, their_lp, advantages[:, None].expand(N, T), mask, MODES[mode], ACTOR
     )
-    assert metrics["actor/pg_clipfrac_lower"] > 0  # the dual clip bit on some tokens
     _close(ours, theirs)
     ours.backward()
     theirs.backward()
     _close(ours_lp.grad, their_lp.grad)
     assert stats.clip_fraction == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-6)
+    return metrics
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ppo_clip_with_dual_clip_is_verls_vanilla(mode: str) -> None:
+    # PPO (arXiv:1707.06347, eq. 7) with DAPO's clip-higher (eps_low 0.2, eps_high 0.28) and the
+    # dual clip c = 3 (arXiv:1912.09729, eq. 6): ratios up to e^1.5 = 4.5 so that c bites.
+    batch = _policy_batch(_uniform(-1.5, 1.5, N, T))
+    ours_lp, _, old, advantages, mask = batch
+    per_token, stats = ppo_clip(ours_lp, old, advantages, mask, EPS_LOW, EPS_HIGH, DUAL_CLIP)
+    metrics = _same_as_verl(core_algos.compute_policy_loss_vanilla, batch, per_token, stats, mode)
+    assert metrics["actor/pg_clipfrac_lower"] > 0  # the dual clip bit on some tokens
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -230,35 +252,21 @@ def test_gspo_is_verls_gspo(mode: str) -> None:
     # value of every token's ratio, with the gradient of the token's own logprob. A per-sequence
     # offset within ±0.3 (plus ±0.2 per token) puts some s_i outside [0.8, 1.28].
     log_ratios = _uniform(-0.3, 0.3, N, 1) + _uniform(-0.2, 0.2, N, T)
-    ours_lp, their_lp, old, advantages, mask = _policy_batch(log_ratios)
+    batch = _policy_batch(log_ratios)
+    ours_lp, _, old, advantages, mask = batch
     per_token, stats = gspo(ours_lp, old, advantages, mask, EPS_LOW, EPS_HIGH)
-    ours = aggregate(per_token, mask, mode, _norm_tokens(mode))  # type: ignore[arg-type]
-    theirs, metrics = core_algos.compute_policy_loss_gspo(
-        old, their_lp, advantages[:, None].expand(N, T), mask, MODES[mode], ACTOR
-    )
     assert stats.clip_fraction > 0
-    _close(ours, theirs)
-    ours.backward()
-    theirs.backward()
-    _close(ours_lp.grad, their_lp.grad)
-    assert stats.clip_fraction == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-6)
+    _same_as_verl(core_algos.compute_policy_loss_gspo, batch, per_token, stats, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_cispo_is_verls_cispo(mode: str) -> None:
     # CISPO (arXiv:2506.13585, eq. 4-5): loss_t = -sg(clip(r_t, 1 - eps_low, 1 + eps_high)) A logp_t
-    ours_lp, their_lp, old, advantages, mask = _policy_batch(_uniform(-0.5, 0.5, N, T))
+    batch = _policy_batch(_uniform(-0.5, 0.5, N, T))
+    ours_lp, _, old, advantages, mask = batch
     per_token, stats = cispo(ours_lp, old, advantages, mask, EPS_LOW, EPS_HIGH)
-    ours = aggregate(per_token, mask, mode, _norm_tokens(mode))  # type: ignore[arg-type]
-    theirs, metrics = core_algos.compute_policy_loss_cispo(
-        old, their_lp, advantages[:, None].expand(N, T), mask, MODES[mode], ACTOR
-    )
     assert stats.clip_fraction > 0
-    _close(ours, theirs)
-    ours.backward()
-    theirs.backward()
-    _close(ours_lp.grad, their_lp.grad)
-    assert stats.clip_fraction == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-6)
+    _same_as_verl(core_algos.compute_policy_loss_cispo, batch, per_token, stats, mode)
 
 
 # --- KL and entropy -----------------------------------------------------------------------------

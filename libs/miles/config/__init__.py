@@ -305,7 +305,7 @@ class MilesConfig(_Section):
         if self.trainer.backend == "megatron" and (
             algorithm.updates_per_batch > 1
             or algorithm.entropy_coef > 0
-            or getattr(algorithm, "kl_in", "loss") == "reward"
+            or algorithm.kl_in == "reward"
         ):
             raise ValueError(
                 "trainer.backend='megatron' takes one optimizer step per batch, no entropy "

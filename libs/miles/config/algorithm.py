@@ -108,12 +108,15 @@ class PolicyGradient(Section):
         """Whether the trainer keeps a frozen copy of the initial policy."""
         return self.kl_coef > 0
 
+    @property
+    def token_advantages(self) -> bool:
+        """Whether the trainer builds per-token advantages, so a per-token KL penalty can reach
+        them (GAE here; REINFORCE++ without its group baseline overrides this)."""
+        return self.advantage == "gae"
+
     @model_validator(mode="after")
     def _kl_reward_needs_token_advantages(self) -> PolicyGradient:
-        per_token = self.advantage == "gae" or (
-            self.advantage == "reinforce_pp" and not getattr(self, "baseline", True)
-        )
-        if self.kl_in == "reward" and not per_token:
+        if self.kl_in == "reward" and not self.token_advantages:
             raise ValueError(
                 "algorithm.kl_in = 'reward' needs per-token advantages: algorithm.name = 'ppo', "
                 "or 'reinforce_pp' with algorithm.baseline = false; use kl_in = 'loss' here"
@@ -221,6 +224,12 @@ class ReinforcePP(PolicyGradient):
     std: Literal["none"] = "none"
     baseline: bool = Field(True, description="Subtract the group mean before whitening.")
 
+    @property
+    def token_advantages(self) -> bool:
+        """Without the baseline the trainer can whiten per-token returns (``kl_in="reward"``);
+        the group mean needs whole groups, which only the buffer sees."""
+        return not self.baseline
+
 
 class PPO(PolicyGradient):
     """PPO with a critic (Schulman et al. 2017, arXiv:1707.06347), as RLHF runs it (Ouyang et
@@ -285,6 +294,7 @@ class DPO(Section):
     mini_batches: ClassVar[int] = 1
     updates_per_batch: ClassVar[int] = 1
     old_logprobs: ClassVar[Literal["auto", "trainer", "engine"]] = "trainer"
+    kl_in: ClassVar[Literal["loss", "reward"]] = "loss"
     needs_reference: ClassVar[bool] = True
 
 

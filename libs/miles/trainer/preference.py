@@ -77,7 +77,7 @@ def dpo_gradients(
             algorithm.label_smoothing,
         )
         nll = -policy[0::2] / mask[0::2].sum(dim=-1)  # per token of the chosen response
-        loss = loss + algorithm.nll_coef * nll if algorithm.nll_coef > 0 else loss
+        loss = loss + algorithm.nll_coef * nll  # 0: plain DPO
         share = micro.num_samples / 2 / pairs
         (loss.mean() * share).backward()
         values = (

@@ -27,7 +27,13 @@ from safetensors.torch import load_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from miles.algo import kl_penalized_rewards, reinforce_pp_returns, share
+from miles.algo import (
+    aggregate,
+    kl_estimate,
+    kl_penalized_rewards,
+    reinforce_pp_returns,
+    share,
+)
 from miles.algo.value import outcome_rewards
 from miles.config import DPO, PPO, Algorithm, TrainerConfig
 from miles.config.algorithm import PolicyGradient
@@ -220,16 +226,14 @@ class TorchTrainer:
             with self._autocast():
                 return token_logprobs(reference, micro)
 
-        mask = batch.loss_mask
+        mask, estimator = batch.loss_mask, algorithm.kl_estimator
         old = (
             batch.trainer_logprobs if batch.trainer_logprobs is not None else batch.engine_logprobs
         )
         ref = per_position(batch, self.trainer.micro_batch_size, ref_logprobs)
         outcome = outcome_rewards(batch.rewards, mask)
-        rewards = kl_penalized_rewards(
-            outcome, old, ref, mask, algorithm.kl_coef, algorithm.kl_estimator
-        )
-        kl = ((outcome - rewards) * mask).sum() / mask.sum() / algorithm.kl_coef
+        rewards = kl_penalized_rewards(outcome, old, ref, mask, algorithm.kl_coef, estimator)
+        kl = aggregate(kl_estimate(old, ref, estimator), mask, "token_mean")
         return dataclasses.replace(batch, token_rewards=rewards), float(kl.item())
 
     def _with_trainer_logprobs(self, batch: TensorBatch) -> TensorBatch:
@@ -263,7 +267,7 @@ class TorchTrainer:
         for micro in split(batch, self.trainer.micro_batch_size):
             token_share = micro.num_tokens / batch.num_tokens
             weight = share(
-                self.algorithm.aggregation,
+                algorithm.aggregation,
                 micro.num_tokens,
                 batch.num_tokens,
                 micro.num_samples,
@@ -277,7 +281,7 @@ class TorchTrainer:
     def _micro_batch_loss(self, micro: TensorBatch, algorithm: PolicyGradient) -> MicroObjective:
         with self._autocast():
             logprobs, entropy = token_logprobs_and_entropy(
-                self.model, micro, entropy=self.algorithm.entropy_coef > 0
+                self.model, micro, entropy=algorithm.entropy_coef > 0
             )
         ref_logprobs = None
         if self.reference is not None and algorithm.kl_in == "loss":  # kept when kl_coef > 0

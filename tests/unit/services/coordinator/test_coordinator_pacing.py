@@ -7,7 +7,8 @@ import dataclasses
 
 from miles.config import load_config
 from miles.data import Prompt
-from services.coordinator.pacing import Pacing, Progress, training_task
+from services.coordinator.pacing import Pacing, Progress
+from services.coordinator.sources import training_task
 
 
 def pacing(
