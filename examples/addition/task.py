@@ -50,10 +50,19 @@ MODEL_CONFIG: dict[str, Any] = dict(
 )
 
 
-def build_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+CHAT_TOKENS = ["<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""A minimal chat format: ``<|user|>57+68=<|end|><|assistant|>`` asks for the answer."""
+
+
+def build_tokenizer(directory: str | Path, chat: bool = False) -> PreTrainedTokenizerFast:
     """A character-level tokenizer saved to ``directory`` (loadable offline by AutoTokenizer).
 
-    No post-processor: encoding a prompt adds neither a BOS nor an EOS token.
+    No post-processor: encoding a prompt adds neither a BOS nor an EOS token. With ``chat``,
+    the role markers are special tokens and ``CHAT_TEMPLATE`` is its chat template.
     """
     vocab = {token: index for index, token in enumerate([PAD, EOS, *CHARACTERS])}
     backend = Tokenizer(models.WordLevel(vocab))
@@ -62,8 +71,17 @@ def build_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token=PAD, eos_token=EOS, padding_side="left"
     )
+    if chat:
+        tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
+        tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(directory))
     return tokenizer
+
+
+def as_chat(tokenizer: PreTrainedTokenizerFast, prompt: str) -> str:
+    """``prompt`` as the user's turn, rendered with the chat template, ready for the answer."""
+    messages = [{"role": "user", "content": prompt}]
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def make_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
@@ -190,6 +208,7 @@ def warm_start(
     carry_drop: float = 0.6,
     batch_size: int = 64,
     lr: float = 1e-3,
+    chat: bool = False,
 ) -> Path:
     """Supervised imitation of the sloppy teacher; saves model and tokenizer to ``directory``.
 
@@ -197,7 +216,8 @@ def warm_start(
 
     AdamW with a warmup-stable-decay schedule (50 warmup and 50 cooldown steps): the cooldown
     settles the model, so its greedy accuracy does not depend on where a noisy step stopped.
-    Skipped when ``directory/DONE`` records the same parameters.
+    Skipped when ``directory/DONE`` records the same parameters. With ``chat``, the tokenizer
+    has a chat template and the model learns to answer prompts rendered with it.
     """
     directory = Path(directory)
     parameters = dict(
@@ -210,12 +230,14 @@ def warm_start(
         model=MODEL_CONFIG,
         format="reversed-v2",
     )
+    if chat:
+        parameters["chat_template"] = CHAT_TEMPLATE
     digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()
     done = directory / "DONE"
     if done.is_file() and done.read_text().strip() == digest:
         return directory
 
-    tokenizer = build_tokenizer(directory)
+    tokenizer = build_tokenizer(directory, chat)
     model = make_model(tokenizer, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     ramp = 50
@@ -230,7 +252,8 @@ def warm_start(
         pairs = []
         for problem in rng.sample(problems, batch_size):
             a, b = map(int, problem["prompt"][:-1].split("+"))
-            pairs.append((problem["prompt"], answer(a, b, carry_drop, rng)))
+            prompt = as_chat(tokenizer, problem["prompt"]) if chat else problem["prompt"]
+            pairs.append((prompt, answer(a, b, carry_drop, rng)))
         loss = model(**supervised_batch(tokenizer, pairs)).loss
         optimizer.zero_grad()
         loss.backward()

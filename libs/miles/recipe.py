@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,18 @@ class RecipeError(ValueError):
     """A recipe file that cannot be used, with a message saying what to fix."""
 
 
+def _where(exc: BaseException, path: Path) -> str:
+    """``file:line: Type: message`` of the innermost frame in the recipe's directory."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{Path(exc.filename).name}:{exc.lineno}: SyntaxError: {exc.msg}"
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).parent == path.parent
+    ]
+    place = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}: " if frames else ""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{place}{type(exc).__name__}: {message}"
+
+
 @dataclass(frozen=True)
 class Recipe:
     path: Path
@@ -84,7 +97,10 @@ def load_recipe(path: str | Path) -> Recipe:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # so pickling-free tools (dataclasses, typing) can resolve it
     sys.path.insert(0, str(path.parent))  # a recipe may import its sibling modules
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's module: say where it broke, in one line
+        raise RecipeError(f"{path.name} failed to import: {_where(exc, path)}") from exc
 
     by_role: dict[str, list[Callable[..., Any]]] = {role: [] for role in ROLES}
     for value in vars(module).values():

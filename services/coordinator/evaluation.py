@@ -118,6 +118,8 @@ def eval_tasks(run_id: str, round_: int, prompts: list[Prompt], instance: str) -
             task_id=f"eval{round_}-{index}-{instance}",
             prompt=prompt.prompt,
             label=prompt.label,
+            metadata=prompt.metadata,
+            messages=prompt.messages,
             split="eval",
             group_size=1,
             greedy=True,

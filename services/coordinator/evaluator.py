@@ -55,19 +55,24 @@ class Evaluator:
         return cls(bus, store, rounds, prompts, instance, clock)
 
     @property
+    def enabled(self) -> bool:
+        """A run without held-out data (``data.eval_path`` unset) is never evaluated."""
+        return bool(self.prompts)
+
+    @property
     def complete(self) -> bool:
-        return self.rounds.complete
+        return self.rounds.complete or not self.enabled
 
     def pending(self, step: int) -> int | None:
-        return self.rounds.pending(step)
+        return self.rounds.pending(step) if self.enabled else None
 
     async def begin(self, step: int) -> None:
         """Evaluate the policy this coordinator starts from, unless that round is recorded."""
-        if self.rounds.missing(step):
+        if self.enabled and self.rounds.missing(step):
             await self._dispatch(step)
 
     async def after_step(self, step: int) -> None:
-        if self.rounds.due(step):
+        if self.enabled and self.rounds.due(step):
             await self._dispatch(step)
 
     async def on_result(self, group: events.ScoredGroup) -> None:

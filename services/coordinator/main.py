@@ -18,6 +18,7 @@ import time
 
 from miles import events
 from miles.data import load_prompts
+from miles.models import load_tokenizer
 from miles.runtime.bus import Bus, Message
 from miles.runtime.run_record import RunStorePort
 from miles.runtime.service import ServiceContext
@@ -34,8 +35,9 @@ async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
     created = await store.create_run(config.hash(), config.model_dump_json())
-    train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id)
-    held_out = load_prompts(config, ctx.recipe, "eval")
+    tokenizer = load_tokenizer(config.model)
+    train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id, tokenizer)
+    held_out = load_prompts(config, ctx.recipe, "eval", tokenizer).prompts
     feed = await Feed.resume(bus, store, ctx.metrics, config, train)
     log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", feed.step)
     watch = Watch(bus, store, ctx.metrics, config.coordinator.heartbeat_seconds)

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
-
-from transformers import AutoTokenizer
+from typing import Any, Protocol
 
 from miles import events
 from miles.config import DPO, MilesConfig
-from miles.data import Preference, Prompt, load_preferences, load_prompts
+from miles.data import Preference, Prompt, load_preferences, load_prompts, row_at
 from miles.recipe import Recipe
 from miles.runtime.subjects import Subjects
 
@@ -37,17 +35,27 @@ class Source(Protocol):
 
 
 def training_task(
-    run_id: str, prompts: list[Prompt], cursor: int, policy_version: int, group_size: int, seed: int
+    run_id: str,
+    prompts: list[Prompt],
+    cursor: int,
+    policy_version: int,
+    group_size: int,
+    seed: int,
+    shuffle: bool = False,
 ) -> events.Task:
-    """The task at ``cursor``: the dataset cycled, its id the cursor (the publish dedupes by it),
-    its sampling seed derived from the run's, so a re-sent task generates the same group."""
-    prompt = prompts[cursor % len(prompts)]
+    """The task at ``cursor``: epoch after epoch of the dataset, each in its own order when
+    ``shuffle`` (a function of the seed and the epoch, so the cursor is all a restart needs);
+    its id the cursor (the publish dedupes by it), its sampling seed derived from the run's, so
+    a re-sent task generates the same group."""
+    prompt = prompts[row_at(cursor, len(prompts), seed, shuffle)]
     return events.Task(
         run_id=run_id,
         policy_version=policy_version,
         task_id=f"t{cursor}",
         prompt=prompt.prompt,
         label=prompt.label,
+        metadata=prompt.metadata,
+        messages=prompt.messages,
         group_size=group_size,
         seed=seed * 1_000_003 + cursor,
     )
@@ -60,10 +68,17 @@ class Prompts:
     prompts: list[Prompt]
     group_size: int
     seed: int
+    shuffle: bool = False
 
     def at(self, cursor: int, policy_version: int) -> Dispatch:
         task = training_task(
-            self.run_id, self.prompts, cursor, policy_version, self.group_size, self.seed
+            self.run_id,
+            self.prompts,
+            cursor,
+            policy_version,
+            self.group_size,
+            self.seed,
+            self.shuffle,
         )
         return Dispatch(self.subjects.tasks, task, task.task_id, task.task_id)
 
@@ -75,9 +90,11 @@ class Pairs:
     pairs: list[Preference]
     encode: Encode
     eos: list[int]
+    seed: int = 0
+    shuffle: bool = False
 
     def at(self, cursor: int, policy_version: int) -> Dispatch:
-        pair = self.pairs[cursor % len(self.pairs)]
+        pair = self.pairs[row_at(cursor, len(self.pairs), self.seed, self.shuffle)]
         group = preference_group(
             self.run_id, pair, f"t{cursor}", policy_version, self.encode, self.eos
         )
@@ -123,14 +140,23 @@ def preference_group(
     )
 
 
-def train_source(config: MilesConfig, recipe: Recipe, subjects: Subjects, run_id: str) -> Source:
+def train_source(
+    config: MilesConfig, recipe: Recipe, subjects: Subjects, run_id: str, tokenizer: Any
+) -> Source:
     if not isinstance(config.algorithm, DPO):
-        prompts = load_prompts(config, recipe, "train")
-        return Prompts(subjects, run_id, prompts, config.rollout.group_size, config.run.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(config.model.path))
+        prompts = load_prompts(config, recipe, "train", tokenizer).prompts
+        return Prompts(
+            subjects,
+            run_id,
+            prompts,
+            config.rollout.group_size,
+            config.run.seed,
+            config.data.shuffle,
+        )
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     eos = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    return Pairs(subjects, run_id, load_preferences(config, recipe), encode, eos)
+    pairs = load_preferences(config, recipe)
+    return Pairs(subjects, run_id, pairs, encode, eos, config.run.seed, config.data.shuffle)

@@ -153,9 +153,12 @@ class EngineFleet:
         )
 
     def _server_args(self) -> list[str]:
+        model = self.config.model
+        shared = ["--tokenizer-path", str(model.tokenizer_path)] if model.tokenizer_path else []
+        shared += ["--trust-remote-code"] if model.trust_remote_code else []
         if self.rollout.engine == "local":
-            return ["--threads", str(self.rollout.engine_threads)]
-        return list(self.rollout.sglang_args)
+            return ["--threads", str(self.rollout.engine_threads), *shared]
+        return [*shared, *self.rollout.sglang_args]
 
     async def _start(self, index: int) -> EngineSlot:
         actor = self._new_actor(index)

@@ -17,10 +17,9 @@ import functools
 import logging
 import time
 
-from transformers import AutoTokenizer
-
 from miles import events
 from miles.engine.generation import EngineHandle
+from miles.models import load_tokenizer
 from miles.runtime import faults, raycluster
 from miles.runtime.bus import Message, Oversized
 from miles.runtime.service import ServiceContext
@@ -38,9 +37,9 @@ log = logging.getLogger("miles.rollout")
 
 async def main(ctx: ServiceContext) -> None:
     config = ctx.config
-    assert config.model.path is not None, "model.path is required"
+    tokenizer = load_tokenizer(config.model)  # a ModelError when model.path is unset
+    assert config.model.path is not None
     raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
     on_straggler = functools.partial(report_straggler, ctx)
     fleet = EngineFleet(
         config, config.model.path, tokenizer, ctx.instance, ctx.run_dir / "logs", on_straggler

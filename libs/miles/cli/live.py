@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from miles.runtime.run_view import RunView
@@ -39,7 +40,7 @@ class LiveView:
             self.live.__exit__(kind, value, tb)
 
     def log(self, message: str) -> None:
-        self.console.print(f"[yellow]miles:[/] {message}")
+        self.console.print(f"[yellow]miles:[/] {escape(message)}")
 
     def update(self, view: RunView) -> None:
         if self.live:

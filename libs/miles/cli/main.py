@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from pydantic import ValidationError
+
 from miles.cli import plan, report, run, serve, status
 from miles.recipe import RecipeError
 from miles.runtime.bus import Unreachable
@@ -41,8 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     except (Unreachable, RecipeError, FileNotFoundError) as exc:
         print(f"miles: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError: say what is wrong
-        print(f"miles: invalid configuration: {exc}", file=sys.stderr)
+    except ValidationError as exc:  # one line per field: where it is and what is wrong
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "config"
+            print(f"miles: invalid configuration: {where}: {error['msg']}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"miles: {exc}", file=sys.stderr)
         return 2
 
 

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import redis
 
-from miles.cli import report
+from miles import models
+from miles.cli import preflight, report
 from miles.cli.common import config_args, resolve_config, run_id_arg
 from miles.cli.live import LiveView
 from miles.config import MilesConfig
@@ -165,6 +166,15 @@ def run(args: argparse.Namespace) -> int:
     # embedded servers running with no one to stop them.
     signal.signal(signal.SIGTERM, _stop)
     recipe, config, run_id, run_dir, plan = prepare(args)
+    try:
+        checked = preflight.check(config, recipe)
+    except preflight.PreflightFailed as failed:
+        for problem in failed.problems:
+            print(f"miles: {problem}", file=sys.stderr)
+        print("miles: nothing was started; fix the above and run again", file=sys.stderr)
+        return 2
+    models.resolve(config)
+    print("miles: checked " + "; ".join(checked), flush=True)
     servers: list[embedded.Server] = []
     children: list[Child] = []
     started_ray = False
@@ -260,6 +270,10 @@ class Supervisor:
     timeline: Path | None = None
     peak_processes: int = 0
     server_restarts: dict[str, int] = field(default_factory=dict)
+    first_step: int | None = None
+    """The committed step when this launch first read the run; until a step commits after it,
+    a service that exits with an error failed to start."""
+    latest_step: int = 0
 
     def restarts(self) -> dict[str, int]:
         return {c.service: c.restarts for c in self.children} | self.server_restarts
@@ -272,6 +286,8 @@ class Supervisor:
                 self.revive_servers(live)
                 with contextlib.suppress(redis.exceptions.ConnectionError):
                     view = RunView.read(self.client, self.run_id)
+                    self.latest_step = view.step
+                    self.first_step = view.step if self.first_step is None else self.first_step
                     live.update(view)
                     if self.timeline and tick % 4 == 0:  # every 2 s, for `miles report`
                         report.append_timeline(self.timeline, view)
@@ -292,9 +308,22 @@ class Supervisor:
                 time.sleep(0.5)
         raise AssertionError("unreachable")
 
+    @property
+    def starting(self) -> bool:
+        return self.first_step is None or self.latest_step <= self.first_step
+
     def restart(self, child: Child, code: int, live: LiveView) -> bool:
         if time.monotonic() < child.next_start:
             return True
+        if code > 0 and self.starting:  # an error, not a kill, before the run got going
+            live.log(f"{child.service} failed to start (exit code {code}); its log ends:")
+            live.log(log_tail(child.log_path))
+            if child.restarts >= 1:
+                live.log(
+                    f"{child.service} failed to start twice: stopping the run. Fix the error "
+                    f"above, then `miles run --resume {self.run_id}`"
+                )
+                return False
         if time.monotonic() - child.started > 60:  # it ran a good while: a fresh failure
             child.backoff = 1.0
             child.streak = 0
@@ -327,6 +356,15 @@ class Supervisor:
         """Into the run record, where the coordinator exports it (``miles_restarts_total``)."""
         with contextlib.suppress(redis.exceptions.ConnectionError):
             self.client.hincrby(RunKeys(self.run_id).restarts, name, 1)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a service's log, indented, for the terminal."""
+    try:
+        text = path.read_bytes()[-16_384:].decode(errors="replace")
+    except OSError as exc:
+        return f"    (cannot read {path}: {exc})"
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
 
 def metrics_ports(port: int | None) -> dict[str, int]:

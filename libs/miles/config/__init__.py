@@ -11,7 +11,7 @@ import json
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -45,11 +45,15 @@ __all__ = [
     "CoordinatorConfig",
     "DataConfig",
     "DrGRPO",
+    "HFRewardModel",
+    "HTTPRewardModel",
     "InfraConfig",
     "MilesConfig",
     "MismatchCorrection",
     "ModelConfig",
     "ReinforcePP",
+    "RewardConfig",
+    "RewardModel",
     "RolloutConfig",
     "RunConfig",
     "TrainerConfig",
@@ -72,14 +76,46 @@ class RunConfig(_Section):
 
 class ModelConfig(_Section):
     path: Path | None = Field(
-        None, description="Directory with an HF model (config + safetensors) and its tokenizer."
+        None,
+        description="A local Hugging Face model directory (config.json and safetensors, one "
+        "file or sharded with an index), or a hub id already in the local Hugging Face cache: "
+        "miles never downloads a model.",
+    )
+    tokenizer_path: Path | None = Field(
+        None, description="The tokenizer's directory or cached hub id; None: model.path's."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model's own Python code (transformers' trust_remote_code)."
     )
 
 
 class DataConfig(_Section):
-    train_path: Path | None = Field(None, description="JSONL of {prompt, label} for training.")
-    eval_path: Path | None = Field(None, description="JSONL of held-out {prompt, label}.")
+    train_path: Path | None = Field(
+        None,
+        description="Training rows: a .jsonl or .parquet file, a directory saved by `datasets` "
+        "(save_to_disk), or a local file `datasets` loads (.csv, .json).",
+    )
+    eval_path: Path | None = Field(
+        None, description="Held-out rows, same formats; None: no held-out evaluation."
+    )
     eval_size: int = Field(200, ge=1, description="How many held-out prompts an eval uses.")
+    prompt_key: str = Field(
+        "prompt",
+        description="The column with the prompt: a string, or chat messages [{role, content}].",
+    )
+    label_key: str = Field("label", description="The column handed to the reward as label.")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Render prompts with the tokenizer's chat template (apply_chat_template, "
+        "generation prompt added). auto: rows whose prompt is a list of messages are rendered, "
+        "strings are used raw; on: strings become one user message; off: never.",
+    )
+    shuffle: bool = Field(
+        True, description="Shuffle the training rows each epoch (from run.seed; resumable)."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Drop rows whose prompt is longer (counted and logged)."
+    )
 
 
 class RolloutConfig(_Section):
@@ -237,6 +273,88 @@ class CoordinatorConfig(_Section):
     )
 
 
+class HFRewardModel(_Section):
+    """A Hugging Face sequence-classification model scoring (prompt, completion) pairs: its
+    first logit is the reward. A Ray actor of the reward service, on CPU or a GPU."""
+
+    kind: Literal["hf"] = "hf"
+    name: str = Field("reward_model", description="Its name in reward.weights and metrics.")
+    path: Path = Field(description="Local model directory (or a cached hub id).")
+    batch_size: int = Field(16, ge=1, description="Pairs per forward pass.")
+    max_length: int = Field(
+        1024,
+        ge=8,
+        description="Longer pairs are truncated from the left, so the completion is kept.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the actor.")
+    num_gpus: float = Field(0, ge=0, description="Ray GPUs reserved for the actor (> 0: CUDA).")
+    chat_template: bool = Field(
+        False,
+        description="Score the conversation rendered with the model tokenizer's chat template "
+        "(a user turn, then the completion as the assistant's) instead of prompt + completion.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model's own Python code (transformers' trust_remote_code)."
+    )
+    max_restarts: int = Field(
+        -1,
+        ge=-1,
+        description="Times Ray restarts the actor after it dies (-1: always); each restart "
+        "loads the model again.",
+    )
+    load_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="How long scoring waits for the actor to load the model (at start and "
+        "after a restart) before failing the samples; reward.timeout_seconds bounds each call.",
+    )
+
+
+class HTTPRewardModel(_Section):
+    """A reward model behind HTTP: POST ``url`` with ``{"prompts": [...], "completions": [...],
+    "labels": [...], "metadata": [...]}`` (one entry per completion of a group, in order; labels
+    and metadata are the dataset row's, as JSON), answered by ``{"rewards": [...]}`` (one number
+    each, same order). Connection errors, timeouts and 408/429/5xx answers are retried with
+    exponential backoff; another 4xx or a malformed answer fails the group's samples."""
+
+    kind: Literal["http"] = "http"
+    name: str = Field("remote_reward", description="Its name in reward.weights and metrics.")
+    url: str = Field(description="Where to POST, e.g. http://rm:8000/score.")
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="Per request (reward.timeout_seconds bounds it too)."
+    )
+    retries: int = Field(3, ge=0, description="Retries of a failed request, with backoff.")
+    backoff_seconds: float = Field(
+        0.5, ge=0, description="Wait before the first retry, doubled before each next one."
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Sent with every request (e.g. Authorization)."
+    )
+
+
+RewardModel = Annotated[HFRewardModel | HTTPRewardModel, Field(discriminator="kind")]
+
+
+class RewardConfig(_Section):
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Weight of each reward function or model by name (TRL's reward_weights); "
+        "unnamed ones weigh 1. The sample's reward is the weighted sum.",
+    )
+    concurrency: int = Field(
+        8, ge=1, description="Reward calls in flight at once (async functions, threads, models)."
+    )
+    timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A reward call still running after this fails its samples (recorded on "
+        "them) instead of stalling the service.",
+    )
+    models: list[RewardModel] = Field(
+        default_factory=list, description="Reward models, scored next to the recipe's functions."
+    )
+
+
 class InfraConfig(_Section):
     nats_url: str | None = Field(None, description="None: start an embedded nats-server.")
     redis_url: str | None = Field(None, description="None: start an embedded redis-server.")
@@ -273,6 +391,7 @@ class MilesConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: Algorithm = Field(default_factory=GRPO)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)

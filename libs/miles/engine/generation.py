@@ -1,7 +1,8 @@
 """Turning a task into samples: the engine handle a rollout function receives, and the default.
 
 A custom ``@miles.rollout`` gets the same ``EngineHandle`` and returns ``list[Sample]``; it can
-call ``engine.generate`` as many times as it likes (multi-turn, tools, self-correction).
+call ``engine.generate`` as many times as it likes (multi-turn, tools, self-correction), most
+simply through ``engine.trajectory(task, index, config)`` (``miles.engine.trajectory``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from miles.events import Sample, Task
 
 if TYPE_CHECKING:  # transformers is slow to import, and ``import miles`` should not pay for it
     from transformers import PreTrainedTokenizerBase
+
+    from miles.engine.trajectory import Trajectory
 
 
 class EngineReset(RuntimeError):
@@ -59,6 +62,19 @@ class EngineHandle:
             )
         return outputs
 
+    def trajectory(
+        self,
+        task: Task,
+        index: int,
+        config: RolloutConfig,
+        max_response_tokens: int | None = None,
+    ) -> Trajectory:
+        """Sample ``index`` of ``task`` as a multi-turn trajectory on this engine
+        (``miles.engine.trajectory``: model turns trained, tool turns masked)."""
+        from miles.engine.trajectory import Trajectory  # it builds on this module
+
+        return Trajectory(self, task, index, config, max_response_tokens)
+
 
 RolloutFn = Callable[[EngineHandle, Task, RolloutConfig], Awaitable[list[Sample]]]
 
@@ -88,6 +104,7 @@ def to_sample(task: Task, index: int, prompt_ids: list[int], output: GenerateOut
         sample_id=f"{task.task_id}/{index}",
         prompt=task.prompt,
         label=task.label,
+        metadata=task.metadata,
         prompt_ids=prompt_ids,
         response_ids=output.output_ids,
         response_logprobs=output.output_token_logprobs,

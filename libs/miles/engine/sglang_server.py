@@ -185,12 +185,29 @@ def _live_weights(engine: TransformersEngine) -> dict[str, torch.Tensor]:
 class LocalSGLangServer:
     """The routes, over one ``TransformersEngine``; every model access runs on one thread."""
 
-    def __init__(self, model_path: str, weight_version: str = "0", threads: int = 2) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        weight_version: str = "0",
+        threads: int = 2,
+        tokenizer_path: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         self.model_path = model_path
+        self.tokenizer_path = tokenizer_path or model_path
         self.weight_version = weight_version
-        self._engine = TransformersEngine(model_path, threads=threads)
-        self._tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        self._vocab_size: int = AutoConfig.from_pretrained(model_path).vocab_size
+        self._engine = TransformersEngine(
+            model_path,
+            threads=threads,
+            tokenizer_path=tokenizer_path,
+            trust_remote_code=trust_remote_code,
+        )
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            self.tokenizer_path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+        self._vocab_size: int = AutoConfig.from_pretrained(
+            model_path, trust_remote_code=trust_remote_code
+        ).vocab_size
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._model_lock = asyncio.Lock()  # one batch or one weight update at a time
         self._state = asyncio.Condition()  # guards and announces the pause and abort state
@@ -418,7 +435,7 @@ class LocalSGLangServer:
         return _json(
             {
                 "model_path": self.model_path,
-                "tokenizer_path": self.model_path,
+                "tokenizer_path": self.tokenizer_path,
                 "is_generation": True,
                 "preferred_sampling_params": None,
                 "weight_version": self.weight_version,
@@ -573,10 +590,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--weight-version", default="0", help="label of the loaded weights")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--tokenizer-path", help="tokenizer directory (default: --model-path)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the model's code")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    server = LocalSGLangServer(args.model_path, args.weight_version, args.threads)
+    server = LocalSGLangServer(
+        args.model_path,
+        args.weight_version,
+        args.threads,
+        args.tokenizer_path,
+        args.trust_remote_code,
+    )
     log.info("serving %s on http://%s:%d", args.model_path, args.host, args.port)
     web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
 

@@ -61,14 +61,28 @@ def _generator(seed: int | None) -> torch.Generator:
 class TransformersEngine:
     """A float32 causal LM on CPU that serves SGLang-shaped ``generate`` calls."""
 
-    def __init__(self, model_path: str, threads: int = 2, weight_version: int = 0) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        threads: int = 2,
+        weight_version: int = 0,
+        tokenizer_path: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         # Process-wide setting: this engine is meant to own its process (or Ray actor).
         torch.set_num_threads(threads)
         # transformers 5.x renamed ``torch_dtype`` to ``dtype`` (the old name still warns).
         self._model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, local_files_only=True
+            model_path,
+            dtype=torch.float32,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
         ).eval()
-        self._tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_path or model_path,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+        )
         self._eos_token_id: int = self._tokenizer.eos_token_id
         # Padded positions are masked out, so any id will do when the tokenizer has no pad token.
         pad_token_id = self._tokenizer.pad_token_id
