@@ -7,7 +7,7 @@ decoder reject anything that is not a known event of the expected type; pickle i
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -31,7 +31,14 @@ class Task(Event, tag="task"):
 
     task_id: str
     prompt: str
-    label: str = ""
+    """The text the engine continues: the row's prompt, or its chat ``messages`` rendered with
+    the tokenizer's chat template (generation prompt included)."""
+    label: Any = ""
+    """The row's ``data.label_key`` column, with its type (a string, a number, a list...)."""
+    metadata: dict[str, Any] = {}
+    """The row's other columns, typed, for the reward (TRL passes them as keyword arguments)."""
+    messages: list[dict[str, Any]] = []
+    """The row's chat messages when it had them (``[{role, content}]``), for custom rollouts."""
     split: Split = "train"
     group_size: int = 1
     seed: int = 0
@@ -40,12 +47,24 @@ class Task(Event, tag="task"):
     """For eval tasks, the step after which the evaluation runs."""
 
 
+class Turn(msgspec.Struct, kw_only=True):
+    """One turn of a multi-turn sample: response tokens ``[start, end)`` and who wrote them."""
+
+    role: str
+    """``assistant`` for the policy's own tokens; ``tool``, ``user`` or ``environment`` else."""
+    start: int
+    end: int
+    trained: bool
+    """Whether the loss sees these tokens: the policy's turns only."""
+    text: str = ""
+
+
 class Sample(msgspec.Struct, kw_only=True):
     """One generated completion with everything the trainer needs to score and learn from it."""
 
     sample_id: str
     prompt: str
-    label: str
+    label: Any
     prompt_ids: list[int]
     response_ids: list[int]
     response_logprobs: list[float]
@@ -56,6 +75,13 @@ class Sample(msgspec.Struct, kw_only=True):
     reward: float = 0.0
     failed: bool = False
     error: str = ""
+    metadata: dict[str, Any] = {}
+    """The task's row columns, for the reward."""
+    loss_mask: list[int] = []
+    """Per response token, 1 when the loss trains it and 0 for tokens the policy did not write
+    (a tool's output, an environment's reply); empty: every response token is trained."""
+    turns: list[Turn] = []
+    """A multi-turn sample's turns, in order (empty for a single completion)."""
 
 
 class GeneratedGroup(Event, tag="generated"):
@@ -89,6 +115,15 @@ class TrainSample(msgspec.Struct, kw_only=True):
     advantage: float
     reward: float
     policy_version: int
+    loss_mask: list[int] = []
+    """As ``Sample.loss_mask``: empty trains every response token."""
+    turns: list[Turn] = []
+    """As ``Sample.turns``, without their text: the step's manifest counts them per role."""
+
+
+def trained_tokens(sample: Sample | TrainSample) -> int:
+    """The response tokens the loss trains: the policy's own, not a tool's or a user's."""
+    return sum(sample.loss_mask) if sample.loss_mask else len(sample.response_ids)
 
 
 class Batch(Event, tag="batch"):

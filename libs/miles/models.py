@@ -46,20 +46,20 @@ def local_dir(path: Path | str, what: str = "model.path") -> Path:
         ) from exc
 
 
-def model_problems(directory: Path) -> list[str]:
+def model_problems(directory: Path, what: str = "model.path") -> list[str]:
     """What keeps ``directory`` from loading as a model: no config, or missing weights (every
     shard an index names must be there)."""
     if not (directory / "config.json").is_file():
-        return [f"model.path: {directory} has no config.json: not a Hugging Face model directory"]
+        return [f"{what}: {directory} has no config.json: not a Hugging Face model directory"]
     index = directory / INDEX_FILE
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
-            return [f"model.path: {directory} lacks shards its index names: {', '.join(missing)}"]
+            return [f"{what}: {directory} lacks shards its index names: {', '.join(missing)}"]
         return []
     if not any(next(directory.glob(p), None) for p in WEIGHT_PATTERNS):
-        return [f"model.path: {directory} has no weights (*.safetensors)"]
+        return [f"{what}: {directory} has no weights (*.safetensors)"]
     return []
 
 

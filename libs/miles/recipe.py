@@ -19,8 +19,8 @@ the module. There is no global registry, so two recipes can be loaded in one pro
     @miles.setup                        # optional: runs once in `miles run` before services
     def prepare(config: miles.MilesConfig) -> miles.MilesConfig: ...
 
-    @miles.dataset                      # optional: prompts from code instead of JSONL
-    def prompts(split: str) -> Iterable[dict]: ...   # {"prompt": ..., "label": ...}
+    @miles.dataset                      # optional: rows from code instead of data.train_path
+    def prompts(split: str) -> Iterable[dict]: ...   # {"prompt": ..., "label": ..., ...}
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ class TrainerActor:
 
 def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
     """The backend ``trainer.backend`` names, with the recipe's ``@miles.update`` if any."""
-    assert config.model.path is not None, "model.path is required"
+    if config.model.path is None:
+        raise ValueError("model.path is not set: point it at a Hugging Face model directory")
     trainer = config.trainer
     if trainer.backend == "torch":
         return TorchTrainer(
@@ -109,6 +110,7 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
             config.algorithm_resolved(),
             config.run.seed,
             recipe.update,
+            trust_remote_code=config.model.trust_remote_code,
         )
     if recipe.update is not None:
         raise ValueError("an @miles.update step needs trainer.backend = 'torch'")

@@ -181,3 +181,25 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_service_that_fails_at_start_stops_the_run_with_its_log(
+    tmp_path: Path, ray_cluster: str
+) -> None:
+    """SGLang's runtime is not installed here, so rollout engines cannot start: the run stops
+    after one retry with the rollout log's last lines on the terminal and a resume hint, not
+    after five silent restarts."""
+    env = os.environ | {"RAY_ADDRESS": ray_cluster}
+    for name in ("NATS_URL", "REDIS_URL"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "miles.cli", "run", "--quiet", str(RECIPE)]
+    command += ["--run-id", "nostart", "--set", f"run.output_dir='{tmp_path}'"]
+    command += ["--set", "rollout.engine=sglang"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert "rollout failed to start (exit code 1); its log ends:" in output
+    assert "sglang" in output.split("its log ends:")[1]  # the cause, from the log's tail
+    assert "rollout failed to start twice: stopping the run." in output
+    assert "miles run --resume nostart" in output
+    assert "restart #3" not in output

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miles import models
-from miles.config import DPO, MilesConfig
+from miles.config import DPO, HFRewardModel, MilesConfig
 from miles.data import DataError, PromptSet, load_preferences, load_prompts
 from miles.events import Sample
 from miles.recipe import Recipe
@@ -51,6 +51,7 @@ def check(config: MilesConfig, recipe: Recipe) -> list[str]:
     report = Report()
     tokenizer = check_model(config, report)
     prompts = check_data(config, recipe, tokenizer, report)
+    check_reward_models(config, report)
     check_reward(config, recipe, prompts, report)
     if report.problems:
         raise PreflightFailed(report.problems)
@@ -114,6 +115,17 @@ def check_data(
             f"{len(held_out.prompts)} held-out prompts" if held_out.prompts else "no held-out data"
         )
     return train
+
+
+def check_reward_models(config: MilesConfig, report: Report) -> None:
+    """A Hugging Face reward model must be here; an HTTP one is only called once the run
+    starts (its server may come up with the run)."""
+    for index, model in enumerate(config.reward.models):
+        if isinstance(model, HFRewardModel):
+            what = f"reward.models[{index}].path"
+            directory = report.attempt(lambda m=model, w=what: models.local_dir(m.path, w))
+            if directory is not None:
+                report.problems += models.model_problems(directory, what)
 
 
 def check_reward(

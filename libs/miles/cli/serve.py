@@ -7,6 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from miles import models
 from miles.cli.common import config_args, resolve_config, run_id_arg
 from miles.recipe import load_recipe
 from miles.runtime.service import SERVICES, run_service
@@ -29,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
-    config = resolve_config(recipe.config, args.config, args.overrides)
+    config = models.resolve(resolve_config(recipe.config, args.config, args.overrides))
     if not config.infra.nats_url or not config.infra.redis_url:
         print(
             "miles serve needs NATS_URL and REDIS_URL (or infra.nats_url / infra.redis_url)",

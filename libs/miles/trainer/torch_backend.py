@@ -82,6 +82,7 @@ class TorchTrainer:
         algorithm: Algorithm,
         seed: int,
         update_fn: UpdateFn | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         torch.set_num_threads(trainer.threads)
         torch.manual_seed(seed)
@@ -89,7 +90,9 @@ class TorchTrainer:
         self.algorithm = algorithm
         self.update_fn = update_fn
         self.device = torch.device(trainer.device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to oddly
         # Eval mode switches dropout off: the ratio pi_theta / pi_old compares against an engine
         # that sampled without dropout. Gradients flow all the same.
