@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 from miles import events
 from miles.data import Prompt
-from miles.runtime.run_record import EvalResult
+from miles.runtime.run_record import EvalExample, EvalResult
+
+EXAMPLES = 8
+"""Held-out completions an evaluation round keeps for the trackers' tables."""
 
 
 @dataclass
@@ -27,6 +30,8 @@ class EvalRound:
     rewards: dict[str, float] = field(default_factory=dict)
     correct: dict[str, bool] = field(default_factory=dict)
     versions: set[int] = field(default_factory=set)
+    examples: dict[int, EvalExample] = field(default_factory=dict)
+    """The first ``EXAMPLES`` prompts' completions, by their index in the held-out set."""
     recorded: bool = False
 
     @property
@@ -79,6 +84,14 @@ class EvalRounds:
         current.rewards[group.task_id] = sample.reward
         current.correct[group.task_id] = not sample.failed and sample.reward >= self.correct_reward
         current.versions.add(sample.policy_version_first)
+        index = prompt_index(group.task_id)
+        if index < EXAMPLES:
+            current.examples[index] = EvalExample(
+                prompt=sample.prompt,
+                completion=sample.response_text,
+                label=str(sample.label),
+                reward=sample.reward,
+            )
         if not current.complete:
             return None
         current.recorded = True
@@ -129,6 +142,11 @@ def eval_tasks(run_id: str, round_: int, prompts: list[Prompt], instance: str) -
     ]
 
 
+def prompt_index(task_id: str) -> int:
+    """The held-out prompt an eval task asked about: ``eval<round>-<index>-<instance>``."""
+    return int(task_id.split("-")[1])
+
+
 def summarize(done: EvalRound, time: float) -> EvalResult:
     """The round's accuracy over the results that arrived (``n`` of ``expected``), at wall
     clock ``time``."""
@@ -142,4 +160,5 @@ def summarize(done: EvalRound, time: float) -> EvalResult:
         n=n,
         expected=len(done.task_ids),
         time=time,
+        examples=[done.examples[i] for i in sorted(done.examples)],
     )

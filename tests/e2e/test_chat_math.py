@@ -1,6 +1,7 @@
 """The second example, on the conventions of the field: chat rows in Parquet rendered with the
 tokenizer's chat template, a batched TRL-signature reward reading a typed column, a weighted
-built-in format reward. It must raise held-out accuracy as the addition demo does."""
+built-in format reward. It must raise held-out accuracy as the addition demo does. The run
+reports to wandb (offline) and TensorBoard, which must hold what ``steps.jsonl`` holds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb_records import history
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -35,9 +38,13 @@ def test_the_chat_math_example_learns(tmp_path: Path, ray_cluster: str) -> None:
         f"coordinator.eval_every={STEPS}",
         "--set",
         f"run.output_dir='{tmp_path}'",
+        "--set",
+        "tracking.wandb=true",
+        "--set",
+        "tracking.tensorboard=true",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL")}
-    env["RAY_ADDRESS"] = ray_cluster
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "WANDB_DIR")}
+    env |= {"RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "miles: checked model" in result.stdout
@@ -51,3 +58,23 @@ def test_the_chat_math_example_learns(tmp_path: Path, ray_cluster: str) -> None:
     assert set(by_fn) == {"correct", "digits_only"}
     config = json.loads((tmp_path / "chat" / "config.json").read_text())
     assert config["data"]["train_path"].endswith(".parquet")
+
+    steps = [
+        json.loads(line) for line in (tmp_path / "chat" / "steps.jsonl").read_text().splitlines()
+    ]
+    logged = {row["_step"]: row for row in history(tmp_path / "chat") if "train/reward_mean" in row}
+    assert sorted(logged) == [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    for step in steps:
+        assert logged[step["step"]]["train/reward_mean"] == pytest.approx(step["reward_mean"])
+        assert logged[step["step"]]["train/loss"] == pytest.approx(step["metrics"]["loss"])
+    evals = {
+        row["eval/after_step"]: row["eval/accuracy"]
+        for row in history(tmp_path / "chat")
+        if "eval/accuracy" in row
+    }
+    assert evals == {0: before, STEPS: after}
+    board = EventAccumulator(str(tmp_path / "chat" / "tensorboard"))
+    board.Reload()
+    assert [e.value for e in board.Scalars("train/reward_mean")] == pytest.approx(
+        [s["reward_mean"] for s in steps]
+    )

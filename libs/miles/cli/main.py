@@ -10,11 +10,19 @@ import sys
 
 from pydantic import ValidationError
 
-from miles.cli import plan, report, run, serve, status
+from miles.cli import export, plan, report, run, serve, status, track
 from miles.recipe import RecipeError
 from miles.runtime.bus import Unreachable
 
-COMMANDS = {"run": run, "serve": serve, "status": status, "report": report, "plan": plan}
+COMMANDS = {
+    "run": run,
+    "serve": serve,
+    "status": status,
+    "report": report,
+    "plan": plan,
+    "track": track,
+    "export": export,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

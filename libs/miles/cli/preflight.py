@@ -7,6 +7,7 @@ second instead of a crash-looping service.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +124,7 @@ def check_reward_models(config: MilesConfig, report: Report) -> None:
     for index, model in enumerate(config.reward.models):
         if isinstance(model, HFRewardModel):
             what = f"reward.models[{index}].path"
-            directory = report.attempt(lambda m=model, w=what: models.local_dir(m.path, w))
+            directory = report.attempt(functools.partial(models.local_dir, model.path, what))
             if directory is not None:
                 report.problems += models.model_problems(directory, what)
 

@@ -7,7 +7,10 @@ supervise: restart a crashed service, or a crashed embedded server on its own st
     backoff, a log line and a count
 show live progress until the coordinator reports the run finished
 write runs/<run_id>/summary.json, steps.jsonl, metrics.json and (every 2 s while running)
-    timeline.jsonl, what `miles report` reads; stop everything, Ctrl-C included
+    timeline.jsonl, what `miles report` reads
+export the last step as a Hugging Face model into runs/<run_id>/final/ (`miles export`): after
+    the services stopped, before the embedded servers do (the weights may be in NATS)
+stop everything, Ctrl-C included
 
 A run stopped for any reason resumes with `miles run --resume <run_id>`: the embedded servers
 restart on the run's JetStream store and Redis AOF, and every service continues from Redis (the
@@ -33,7 +36,7 @@ from pathlib import Path
 import redis
 
 from miles import models
-from miles.cli import preflight, report
+from miles.cli import export, preflight, report, track
 from miles.cli.common import config_args, resolve_config, run_id_arg
 from miles.cli.live import LiveView
 from miles.config import MilesConfig
@@ -177,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     print("miles: checked " + "; ".join(checked), flush=True)
     servers: list[embedded.Server] = []
     children: list[Child] = []
+    following: track.Follower | None = None
     started_ray = False
     try:
         if plan.embedded_nats:
@@ -228,18 +232,33 @@ def run(args: argparse.Namespace) -> int:
             child.start()
             children.append(child)
 
+        following = track.follower(config.tracking, run_id, run_dir, config)
         supervisor = Supervisor(
-            children, servers, client, run_id, config.run.steps, run_dir / "timeline.jsonl"
+            children,
+            servers,
+            client,
+            run_id,
+            config.run.steps,
+            run_dir / "timeline.jsonl",
+            following=following,
         )
         finished = supervisor.run(quiet=args.quiet)
         view = RunView.read(client, run_id)
+        if following is not None:
+            following.update(view)
         summary = view.summary() | {
             "restarts": supervisor.restarts(),
             "os_processes_peak": supervisor.peak_processes,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         report.save_run(run_dir, view)
-        LiveView.final(summary, run_dir)
+        loading = None
+        if finished:
+            exported = export.export_final(config, run_id, run_dir)
+            summary["model"] = str(exported.path)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            loading = export.loading_hint(exported)
+        LiveView.final(summary, run_dir, loading)
         return 0 if finished else 1
     except KeyboardInterrupt as stop:
         name = str(stop) or "SIGINT"
@@ -247,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
         return 128 + getattr(stop, "signum", signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut cleanup short
+        if following is not None:
+            following.close()
         for child in children:
             child.stop()
         live_targets(run_dir).unlink(missing_ok=True)
@@ -270,6 +291,8 @@ class Supervisor:
     timeline: Path | None = None
     peak_processes: int = 0
     server_restarts: dict[str, int] = field(default_factory=dict)
+    following: track.Follower | None = None
+    """The experiment trackers (``tracking``), fed each step and evaluation as they land."""
     first_step: int | None = None
     """The committed step when this launch first read the run; until a step commits after it,
     a service that exits with an error failed to start."""
@@ -289,6 +312,8 @@ class Supervisor:
                     self.latest_step = view.step
                     self.first_step = view.step if self.first_step is None else self.first_step
                     live.update(view)
+                    if self.following is not None:
+                        self.following.update(view)
                     if self.timeline and tick % 4 == 0:  # every 2 s, for `miles report`
                         report.append_timeline(self.timeline, view)
                 if tick % 20 == 0:

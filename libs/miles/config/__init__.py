@@ -56,6 +56,7 @@ __all__ = [
     "RewardModel",
     "RolloutConfig",
     "RunConfig",
+    "TrackingConfig",
     "TrainerConfig",
     "apply_overrides",
     "load_config",
@@ -256,6 +257,19 @@ class TrainerConfig(_Section):
         "worker); the service loads the latest manifest into it and retrains the batch in "
         "flight. Megatron's rank group is not restarted in place: its service restarts.",
     )
+    keep_checkpoints: int = Field(
+        2,
+        ge=0,
+        description="Committed steps whose checkpoint (weights and full state) stays in the "
+        "blob store; older ones are collected after each commit, except the weights of the "
+        "last buffer.max_staleness + 2 versions (engines may still load them) and of steps an "
+        "export holds. 0 keeps every step.",
+    )
+    export_dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16",
+        description="dtype of the model `miles run` exports to runs/<id>/final/ at the end "
+        "(and the default of `miles export`).",
+    )
 
 
 class CoordinatorConfig(_Section):
@@ -355,6 +369,23 @@ class RewardConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    """Experiment trackers, fed by `miles run` (or `miles track RUN`) from the run record: the
+    values ``steps.jsonl`` holds, per step, the held-out accuracy per evaluation and a table of
+    held-out completions. Off by default; wandb also reads its own ``WANDB_*`` variables
+    (``WANDB_MODE=offline``, ``WANDB_API_KEY``, ``WANDB_DIR``...)."""
+
+    wandb: bool = Field(False, description="Log to Weights & Biases (wandb.init per run).")
+    tensorboard: bool = Field(
+        False, description="Write TensorBoard event files under runs/<run_id>/tensorboard."
+    )
+    project: str | None = Field(None, description="wandb project; None: WANDB_PROJECT or 'miles'.")
+    entity: str | None = Field(None, description="wandb entity; None: WANDB_ENTITY or yours.")
+    completions: int = Field(
+        8, ge=0, description="Held-out completions in each evaluation's table (0: no table)."
+    )
+
+
 class InfraConfig(_Section):
     nats_url: str | None = Field(None, description="None: start an embedded nats-server.")
     redis_url: str | None = Field(None, description="None: start an embedded redis-server.")
@@ -395,6 +426,7 @@ class MilesConfig(_Section):
     buffer: BufferConfig = Field(default_factory=BufferConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     infra: InfraConfig = Field(default_factory=InfraConfig)
 
     @model_validator(mode="before")
@@ -460,8 +492,8 @@ class MilesConfig(_Section):
         return self.algorithm.model_copy(update=update)
 
     def hash(self) -> str:
-        """A stable digest of what changes the experiment (infra excluded)."""
-        body = self.model_dump(mode="json", exclude={"infra"})
+        """A stable digest of what changes the experiment (infra and tracking excluded)."""
+        body = self.model_dump(mode="json", exclude={"infra", "tracking"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -60,6 +60,15 @@ class RunRecord(msgspec.Struct, kw_only=True, frozen=True):
         cls.decode(fields)
 
 
+class EvalExample(msgspec.Struct, kw_only=True, frozen=True):
+    """One held-out prompt and the policy's greedy completion, for the trackers' tables."""
+
+    prompt: str
+    completion: str
+    label: str
+    reward: float
+
+
 class EvalResult(msgspec.Struct, kw_only=True, frozen=True):
     """One held-out evaluation round, as the coordinator records it (one JSON row each)."""
 
@@ -73,6 +82,8 @@ class EvalResult(msgspec.Struct, kw_only=True, frozen=True):
     """Results that arrived: fewer than ``expected`` when the round timed out."""
     expected: int
     time: float
+    examples: list[EvalExample] = []
+    """The round's first held-out prompts (in dataset order) with their completions."""
 
 
 class BatchPlan(msgspec.Struct, frozen=True):
@@ -170,3 +181,21 @@ class ManifestsPort(Protocol):
     async def step_of(self, batch_id: str) -> Manifest | None:
         """The committed step that consumed ``batch_id``."""
         ...
+
+    async def lease(self, step: int, holder: str, seconds: float) -> bool:
+        """Keep step ``step``'s weights from collection for ``seconds`` (an export reading
+        them); False when they were collected already. Leasing again extends the lease."""
+        ...
+
+    async def release(self, step: int, holder: str) -> None: ...
+
+    async def leased(self) -> set[int]:
+        """The steps an unexpired lease holds."""
+        ...
+
+    async def condemn(self, steps: list[int]) -> list[int]:
+        """Mark those of ``steps`` no lease holds as collected, atomically with ``lease``, and
+        return them (the trainer then deletes their weights). Marking again is harmless."""
+        ...
+
+    async def collected(self, step: int) -> bool: ...
