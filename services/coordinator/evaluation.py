@@ -85,7 +85,7 @@ class EvalRounds:
         current.correct[group.task_id] = not sample.failed and sample.reward >= self.correct_reward
         current.versions.add(sample.policy_version_first)
         index = prompt_index(group.task_id)
-        if index < EXAMPLES:
+        if index is not None and index < EXAMPLES:
             current.examples[index] = EvalExample(
                 prompt=sample.prompt,
                 completion=sample.response_text,
@@ -142,9 +142,10 @@ def eval_tasks(run_id: str, round_: int, prompts: list[Prompt], instance: str) -
     ]
 
 
-def prompt_index(task_id: str) -> int:
+def prompt_index(task_id: str) -> int | None:
     """The held-out prompt an eval task asked about: ``eval<round>-<index>-<instance>``."""
-    return int(task_id.split("-")[1])
+    parts = task_id.split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
 
 
 def summarize(done: EvalRound, time: float) -> EvalResult:

@@ -67,6 +67,7 @@ def build_manifest(
         min_sample_version=min(sample.policy_version for sample in batch.samples),
         reward_mean=sum(rewards) / len(rewards),
         reward_histogram=record.reward_histogram(rewards),
+        turns=record.turn_counts(batch.samples),
         metrics=result.metrics.to_dict(),  # the wire keeps the plain mapping
         seconds=result.seconds,
     )

@@ -2,7 +2,8 @@
 
 "torch" is ``TorchTrainer`` in this process (seconds); "megatron" is ``MegatronRayGroup``, two
 tensor-parallel Megatron-core rank actors on Ray, on CPU over gloo (``cpu_shims``): an
-integration test, as tests/integration/test_megatron.py. Both train the session's tiny Llama.
+integration test, as tests/integration/test_megatron.py; "torch-lora" is ``TorchTrainer`` with
+``trainer.lora`` (adapters train, merged weights go out). All train the session's tiny Llama.
 
 What the trainer service relies on: a step moves the weights and reports the documented metrics;
 weights saved and loaded back are bit for bit the same, and the tensors a push sends are the
@@ -26,9 +27,10 @@ from typing import Any
 
 import pytest
 import torch
+from msgspec.structs import replace
 from safetensors.torch import load_file
 
-from miles.config import GRPO, TrainerConfig
+from miles.config import GRPO, LoraConfig, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
 
@@ -88,6 +90,9 @@ class Backends:
     def make(self, trainer: TrainerConfig = TRAINER) -> TrainerBackend:
         if self.kind == "torch":
             return TorchTrainer(str(self.model), trainer, GRPO, SEED)
+        if self.kind == "torch-lora":
+            with_lora = trainer.model_copy(update={"lora": LoraConfig(rank=4)})
+            return TorchTrainer(str(self.model), with_lora, GRPO, SEED)
         from miles.trainer.megatron.model import MegatronLayout
         from miles.trainer.megatron.ray_group import MegatronRayGroup
 
@@ -121,6 +126,7 @@ class Backends:
     scope="module",
     params=[
         pytest.param("torch", id="torch"),
+        pytest.param("torch-lora", id="torch-lora"),
         pytest.param("megatron", id="megatron", marks=pytest.mark.integration),
     ],
 )
@@ -240,3 +246,50 @@ def test_a_learning_rate_scaled_to_zero_and_back(backends: Backends, tmp_path: P
         moved = weights(backend, tmp_path / "moved")
     assert same(frozen, before)
     assert not same(moved, before)
+
+
+def with_tool_turns(samples: list[TrainSample], seed: int, vocab: int = 14) -> list[TrainSample]:
+    """Multi-turn samples: each response, a tool's output (masked), the model again, and a
+    trailing tool output (masked); the tool's tokens carry logprob 0.0, as a trajectory's do."""
+    rng = random.Random(seed)
+    turned = []
+    for sample in samples:
+        tool, tail = [rng.randrange(1, vocab) for _ in range(3)], [rng.randrange(1, vocab)]
+        second = [rng.randrange(1, vocab) for _ in range(2)]
+        turned.append(
+            replace(
+                sample,
+                response_ids=sample.response_ids + tool + second + tail,
+                response_logprobs=sample.response_logprobs + [0.0] * 3 + [-1.0, -2.0] + [0.0],
+                loss_mask=[1] * len(sample.response_ids) + [0, 0, 0, 1, 1, 0],
+            )
+        )
+    return turned
+
+
+def test_masked_tokens_change_neither_the_loss_nor_the_gradient(
+    backend: TrainerBackend, tmp_path: Path
+) -> None:
+    """Tool tokens are inputs, never targets: a batch whose masked tokens report other
+    logprobs, and whose trailing masked tokens are other tokens, gives the same loss and
+    gradient norm from the same weights, and only trained tokens count."""
+    weights(backend, tmp_path / "start")
+    samples = with_tool_turns(make_samples(8), seed=8)
+    other = [
+        replace(
+            sample,
+            response_ids=[*sample.response_ids[:-1], (sample.response_ids[-1] + 5) % 14],
+            response_logprobs=[
+                logprob if trained else -9.0
+                for logprob, trained in zip(sample.response_logprobs, sample.loss_mask, strict=True)
+            ],
+        )
+        for sample in samples
+    ]
+    first = backend.train_step(samples)
+    backend.load_weights(str(tmp_path / "start"))
+    second = backend.train_step(other)
+
+    assert first.tokens == sum(sum(sample.loss_mask) for sample in samples)
+    for key in ("loss", "grad_norm", "kl", "clip_frac", "ratio_mean", "engine_gap", "tokens"):
+        assert second[key] == first[key], key

@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from miles.algo.batching import BAD_INPUT, FILTER_REASONS, batch_id, filter_reason, make_batch
+from miles.algo.batching import (
+    BAD_INPUT,
+    FILTER_REASONS,
+    batch_id,
+    filter_reason,
+    make_batch,
+    shaped_reward,
+)
 from miles.config import DAPO, GRPO, RLOO, BufferConfig, DrGRPO, ReinforcePP
-from miles.events import Sample, ScoredGroup
+from miles.events import Batch, Sample, ScoredGroup, Turn, decode, encode
 
 EPS = 1e-6  # group_advantages' default, added to the std
 
@@ -69,7 +76,15 @@ def test_filter_reason(
 
 def test_bad_input_is_a_filter_reason_too() -> None:
     # a broken producer's group is dead-lettered *and* filtered, so the coordinator replaces it
-    assert set(FILTER_REASONS) >= BAD_INPUT == {"non_finite_reward", "future_version"}
+    assert (
+        set(FILTER_REASONS)
+        >= BAD_INPUT
+        == {
+            "non_finite_reward",
+            "future_version",
+            "bad_loss_mask",
+        }
+    )
 
 
 def test_make_batch_advantages_by_hand() -> None:
@@ -153,3 +168,55 @@ def test_make_batch_dapo_punishes_overlong_answers_before_the_advantage() -> Non
     expected = (shaped - shaped.mean()) / (shaped.std(correction=0) + EPS)
     assert [s.advantage for s in batch.samples] == pytest.approx(expected.tolist(), abs=1e-12)
     assert [s.reward for s in batch.samples] == [1, 1, 1]  # the scorer's reward is kept
+
+
+def _multi_turn(group: ScoredGroup) -> ScoredGroup:
+    """Each sample as a trajectory makes it: a model turn, a tool's output, a model turn."""
+    for sample in group.samples:
+        sample.response_ids = [4, 7, 8, 5]
+        sample.response_logprobs = [-0.5, 0.0, 0.0, -0.25]
+        sample.loss_mask = [1, 0, 0, 1]
+        sample.turns = [
+            Turn(role="assistant", start=0, end=1, trained=True, text="?"),
+            Turn(role="tool", start=1, end=3, trained=False, text="[2]"),
+            Turn(role="assistant", start=3, end=4, trained=True, text="2"),
+        ]
+    return group
+
+
+def test_make_batch_carries_the_loss_mask_and_the_turns_through_the_wire() -> None:
+    group = _multi_turn(_group("a", [1, 0]))
+    batch = make_batch("r", [group, _group("b", [0, 1])], GRPO(), 4)
+    received = decode(encode(batch), Batch, "r")
+    first, plain = received.samples[0], received.samples[2]
+    assert first.loss_mask == [1, 0, 0, 1]
+    assert [(t.role, t.start, t.end, t.trained) for t in first.turns] == [
+        ("assistant", 0, 1, True),
+        ("tool", 1, 3, False),
+        ("assistant", 3, 4, True),
+    ]
+    assert all(t.text == "" for t in first.turns)  # the trainer needs spans, not the text
+    assert (plain.loss_mask, plain.turns) == ([], [])  # a single completion: all trained
+
+
+def test_a_mask_that_does_not_fit_the_response_is_dead_lettered() -> None:
+    group = _multi_turn(_group("a", [1, 0]))
+    group.samples[1].loss_mask = [1, 0]
+    assert filter_reason(group, 0, STRICT) == "bad_loss_mask"
+    assert "bad_loss_mask" in BAD_INPUT  # a broken rollout, not a useless group
+
+
+def test_tool_tokens_count_neither_for_length_nor_for_token_weights() -> None:
+    # DAPO at max 3 tokens (L_cache 1): the multi-turn sample has 4 response tokens but only 2
+    # of its own, so it is not punished; a plain 4-token answer would be.
+    group = _multi_turn(_group("a", [1, 0]))
+    assert shaped_reward(group.samples[0], DAPO(), 3) == 1.0
+    plain = _lengths(_group("b", [1, 0]), [4, 2])
+    assert shaped_reward(plain.samples[0], DAPO(), 3) == 0.0
+    # REINFORCE++ weighs each sample by its trained tokens: 2 and 2 here (4 response tokens
+    # against 2), so the token-weighted mean of rewards [1, 0] is 1/2 and A = +-0.5 / std,
+    # Bessel's correction over 4 tokens: std = sqrt(4/3 * 0.25).
+    group.samples[1] = _lengths(_group("c", [0]), [2]).samples[0]
+    batch = make_batch("r", [group], ReinforcePP(baseline=False), 4)
+    expected = 0.5 / math.sqrt(0.25 * 4 / 3 + 1e-8)
+    assert [s.advantage for s in batch.samples] == pytest.approx([expected, -expected], abs=1e-6)

@@ -478,3 +478,78 @@ def test_readout_sums_counters_and_reads_current_gauges() -> None:
     }
     assert key["reward_mean"] == 0.75
     assert key["restarts"] == {"rollout": 1}
+
+
+def _multi_turn_sample(index: int, roles: list[str]) -> events.Sample:
+    turns, mask = [], []
+    for role in roles:
+        trained = role == "assistant"
+        turns.append(events.Turn(role=role, start=len(mask), end=len(mask) + 2, trained=trained))
+        mask += [int(trained)] * 2
+    return events.Sample(
+        sample_id=f"t0/{index}",
+        prompt="1+1=",
+        label="2",
+        prompt_ids=[1, 2],
+        response_ids=[3] * len(mask),
+        response_logprobs=[-0.5 if m else 0.0 for m in mask],
+        response_text="",
+        finish_reason="stop",
+        policy_version_first=1,
+        policy_version_last=1,
+        loss_mask=mask,
+        turns=turns,
+    )
+
+
+def test_a_multi_turn_group_records_its_turns_and_only_the_policys_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spans: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(
+        tracing,
+        "record_span",
+        lambda name, start, end, attributes: spans.append((name, attributes)),
+    )
+    metrics = telemetry.Metrics("rollout", "run-1")
+    samples = [
+        _multi_turn_sample(0, ["assistant", "tool", "assistant"]),
+        _multi_turn_sample(1, ["assistant"]),
+    ]
+    group = events.GeneratedGroup(
+        run_id="run-1",
+        policy_version=1,
+        task_id="t0",
+        split="train",
+        eval_round=-1,
+        samples=samples,
+        engine="e0",
+    )
+    record.generated(metrics, group, 0, 1)
+    [(name, attributes)] = spans
+    assert name == "generate"
+    assert attributes["miles.turns"] == ["assistant tool assistant", "assistant"]
+    assert attributes["gen_ai.usage.output_tokens"] == 6  # the tool's 2 tokens were not generated
+    assert metrics.snapshot()['miles_tokens_generated_total{engine="e0"}'] == 6
+
+
+def test_turns_are_counted_per_role_and_tool_tokens_leave_the_entropy_estimate() -> None:
+    samples = [
+        events.TrainSample(
+            sample_id=s.sample_id,
+            prompt_ids=s.prompt_ids,
+            response_ids=s.response_ids,
+            response_logprobs=s.response_logprobs,
+            advantage=0.0,
+            reward=0.0,
+            policy_version=1,
+            loss_mask=s.loss_mask,
+            turns=s.turns,
+        )
+        for s in (
+            _multi_turn_sample(0, ["assistant", "tool", "assistant"]),
+            _multi_turn_sample(1, ["assistant"]),
+        )
+    ]
+    assert record.turn_counts(samples) == {"assistant": 3, "tool": 1}
+    assert record.entropy_estimate(samples) == 0.5  # the tool's logprobs 0.0 are not samples

@@ -5,16 +5,24 @@ from __future__ import annotations
 import hashlib
 import math
 
+import msgspec
 import torch
 
 from miles.algo.advantages import batch_whitened, group_normalized, leave_one_out
 from miles.algo.shaping import overlong_penalty
 from miles.config import DAPO, Algorithm, BufferConfig
-from miles.events import Batch, Sample, ScoredGroup, TrainSample
+from miles.events import Batch, Sample, ScoredGroup, TrainSample, trained_tokens
 
-FILTER_REASONS = ("failed", "non_finite_reward", "future_version", "stale", "zero_variance")
+FILTER_REASONS = (
+    "failed",
+    "non_finite_reward",
+    "future_version",
+    "bad_loss_mask",
+    "stale",
+    "zero_variance",
+)
 """Every reason ``filter_reason`` gives."""
-BAD_INPUT = frozenset({"non_finite_reward", "future_version"})
+BAD_INPUT = frozenset({"non_finite_reward", "future_version", "bad_loss_mask"})
 """Reasons that mean a producer is broken, not that the group is merely useless: these groups
 are dead-lettered for an operator as well as filtered."""
 
@@ -28,10 +36,23 @@ def filter_reason(group: ScoredGroup, trainer_version: int, buffer: BufferConfig
         return "failed"  # fewer than two scored samples: no group baseline
     if group.policy_version > trainer_version:
         return "future_version"  # produced by a policy the trainer never published
+    if any(loss_mask_error(s) for s in valid):
+        return "bad_loss_mask"  # a custom rollout's mask the trainer could not apply
     if group.policy_version < trainer_version - buffer.max_staleness:
         return "stale"
     if buffer.filter_zero_variance and len({s.reward for s in valid}) == 1:
         return "zero_variance"  # every advantage would be 0: no gradient, only cost
+    return None
+
+
+def loss_mask_error(sample: Sample | TrainSample) -> str | None:
+    """What is wrong with a sample's per-token ``loss_mask``, or None: it is empty (every
+    response token trained) or one 0/1 per response token."""
+    mask, tokens = sample.loss_mask, len(sample.response_ids)
+    if mask and len(mask) != tokens:
+        return f"{sample.sample_id}: loss_mask has {len(mask)} entries for {tokens} response tokens"
+    if any(value not in (0, 1) for value in mask):
+        return f"{sample.sample_id}: loss_mask holds values other than 0 and 1"
     return None
 
 
@@ -46,11 +67,12 @@ def dispatch_order(task_id: str) -> tuple[int, str]:
 
 
 def shaped_reward(sample: Sample, algorithm: Algorithm, max_new_tokens: int) -> float:
-    """The reward the advantage sees: the scorer's, plus DAPO's overlong punishment."""
+    """The reward the advantage sees: the scorer's, plus DAPO's overlong punishment (on the
+    policy's own tokens: a long tool output is not the policy's verbosity)."""
     if not isinstance(algorithm, DAPO):
         return sample.reward
     cache = round(algorithm.overlong_cache * max_new_tokens)
-    length = len(sample.response_ids)
+    length = trained_tokens(sample)
     return sample.reward + overlong_penalty(
         length, max_new_tokens, cache, algorithm.overlong_penalty
     )
@@ -79,7 +101,7 @@ def advantages(
     if algorithm.advantage == "pair":  # DPO: +1 marks the chosen response, -1 the rejected
         return [preference_signs(r) for r in rewards]
     flat = torch.cat(rewards)
-    lengths = torch.tensor([len(s.response_ids) for group in groups for s in group])
+    lengths = torch.tensor([trained_tokens(s) for group in groups for s in group])
     baseline = getattr(algorithm, "baseline", True)
     means = torch.cat([r.mean().expand_as(r) for r in rewards]) if baseline else None
     whitened = batch_whitened(flat, lengths, means).tolist()
@@ -112,6 +134,8 @@ def make_batch(
             advantage=float(advantage),
             reward=s.reward,
             policy_version=s.policy_version_first,
+            loss_mask=s.loss_mask,
+            turns=[msgspec.structs.replace(turn, text="") for turn in s.turns],
         )
         for group, group_advantages in zip(
             valid, advantages(valid, algorithm, max_new_tokens), strict=True

@@ -33,7 +33,13 @@ def clipped_value_loss(
 
 def outcome_rewards(scores: Tensor, mask: Tensor) -> Tensor:
     """``[N, T]`` per-token rewards with each sequence's score on its last response token and 0
-    elsewhere: an outcome reward as the per-token MDP of RLHF sees it (Ouyang et al. 2022)."""
+    elsewhere: an outcome reward as the per-token MDP of RLHF sees it (Ouyang et al. 2022).
+
+    "Last" is the last position ``mask`` trains: in a multi-turn sample, the policy's last own
+    token, even when an environment turn follows it. The outcome rewards the policy's last
+    action; environment tokens are transitions, not actions, so a reward put on one would be
+    masked away, and GAE and REINFORCE++'s returns carry over them to the trained tokens before.
+    """
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = (positions * (mask > 0)).max(dim=1).values
     rewards = torch.zeros_like(mask, dtype=scores.dtype)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from opentelemetry import trace
@@ -63,22 +65,24 @@ def generated(
     metrics: Metrics, group: events.GeneratedGroup, start_time: int, end_time: int
 ) -> None:
     """One group generated: the ``generate`` span (times in ns since the epoch, as the engine
-    call that served it ran) and the samples and tokens counted under its engine."""
-    completion = sum(len(sample.response_ids) for sample in group.samples)
-    tracing.record_span(
-        "generate",
-        start_time,
-        end_time,
-        {
-            "miles.task_id": group.task_id,
-            "miles.engine": group.engine,
-            "miles.samples": len(group.samples),
-            "miles.policy_version": group.policy_version,
-            "gen_ai.usage.input_tokens": sum(len(s.prompt_ids) for s in group.samples),
-            "gen_ai.usage.output_tokens": completion,
-            "miles.generate_seconds": group.generate_seconds,
-        },
-    )
+    call that served it ran) and the samples and tokens counted under its engine. The tokens
+    are the policy's own: a multi-turn sample's tool output was not generated. A multi-turn
+    group's span carries each sample's turns, roles in order (``miles.turns``)."""
+    completion = sum(events.trained_tokens(sample) for sample in group.samples)
+    attributes: dict[str, Any] = {
+        "miles.task_id": group.task_id,
+        "miles.engine": group.engine,
+        "miles.samples": len(group.samples),
+        "miles.policy_version": group.policy_version,
+        "gen_ai.usage.input_tokens": sum(len(s.prompt_ids) for s in group.samples),
+        "gen_ai.usage.output_tokens": completion,
+        "miles.generate_seconds": group.generate_seconds,
+    }
+    if any(sample.turns for sample in group.samples):
+        attributes["miles.turns"] = [
+            " ".join(turn.role for turn in sample.turns) for sample in group.samples
+        ]
+    tracing.record_span("generate", start_time, end_time, attributes)
     metrics.samples_generated.labels(engine=group.engine).inc(len(group.samples))
     metrics.tokens_generated.labels(engine=group.engine).inc(completion)
 
@@ -138,8 +142,20 @@ def entropy_estimate(samples: Sequence[events.TrainSample]) -> float:
     """Mean negative log-probability of the sampled tokens: a Monte Carlo estimate of the
     sampling policy's per-token entropy, H(π) = E_{y~π}[-log π(y)], from what the engines
     already returned (the trainer computes no full-vocabulary entropy)."""
-    logprobs = [lp for sample in samples for lp in sample.response_logprobs]
+    logprobs = [
+        logprob
+        for sample in samples
+        for logprob, trained in zip(
+            sample.response_logprobs, sample.loss_mask or repeat(1), strict=False
+        )
+        if trained  # a tool's tokens carry logprob 0: no sampling happened there
+    ]
     return -sum(logprobs) / len(logprobs) if logprobs else 0.0
+
+
+def turn_counts(samples: Iterable[events.TrainSample]) -> dict[str, int]:
+    """Turns per role over ``samples`` (``{"assistant": 80, "tool": 17}``), for the manifest."""
+    return dict(Counter(turn.role for sample in samples for turn in sample.turns))
 
 
 def reward_histogram(rewards: Sequence[float]) -> dict[str, int]:

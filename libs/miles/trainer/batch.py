@@ -3,9 +3,14 @@
 Layout, for a sample with ``P`` prompt and ``R`` response tokens, right-padded to ``T``:
 ``input_ids[:P + R] = prompt_ids + response_ids``. Position ``t`` of the ``[N, T - 1]`` tensors
 scores ``input_ids[t + 1]`` given ``input_ids[:t + 1]``, so the response occupies positions
-``P - 1 .. P + R - 2``; ``loss_mask`` is 1 exactly there and ``engine_logprobs`` holds the engine's
+``P - 1 .. P + R - 2``; ``loss_mask`` is 1 there and ``engine_logprobs`` holds the engine's
 ``response_logprobs`` there. Right padding keeps real tokens at positions ``0 .. P + R - 1``, so a
 causal model sees the same prefix and position ids as the engine did.
+
+A multi-turn sample's response holds tokens the policy did not write (a tool's output), which
+its own ``loss_mask`` zeroes: ``loss_mask`` here is that mask on the response span, and it is
+the single mask every loss, KL, entropy, critic and aggregation reads, so those tokens condition
+the later ones as inputs but receive no gradient, count in no mean, and hold no reward.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from miles.algo import entropy_from_logits
+from miles.algo.batching import loss_mask_error
 from miles.events import TrainSample
 
 FULL_WIDTH = frozenset({"input_ids", "attention_mask"})
@@ -32,10 +38,11 @@ class TensorBatch:
     attention_mask: Tensor
     """[N, T] int64, 1 on real tokens."""
     loss_mask: Tensor
-    """[N, T - 1] float32, 1 where the next token is a response token."""
+    """[N, T - 1] float32, 1 where the next token is a response token the policy wrote (0 on
+    prompt, padding, and a multi-turn sample's tool or environment tokens)."""
     engine_logprobs: Tensor
     """[N, T - 1] float32, the sampling engine's log p of the next token where ``loss_mask``
-    is 1: the behaviour policy."""
+    is 1: the behaviour policy (0 elsewhere)."""
     advantages: Tensor
     """[N] float32, one per sample; or [N, T - 1], one per token (GAE from a critic)."""
     rewards: Tensor | None = None
@@ -92,11 +99,26 @@ def collate(samples: list[TrainSample], pad_id: int) -> TensorBatch:
         start = len(sample.prompt_ids) - 1  # the position whose next token is response token 0
         input_ids[row, :length] = torch.tensor(sample.prompt_ids + sample.response_ids)
         attention_mask[row, :length] = 1
-        loss_mask[row, start : length - 1] = 1.0
-        engine_logprobs[row, start : length - 1] = torch.tensor(sample.response_logprobs)
+        response_mask = response_loss_mask(sample)
+        loss_mask[row, start : length - 1] = response_mask
+        # Zeroed off the mask: what an engine reported for a token it did not sample (a tool's
+        # output) must not reach a ratio exp(logp - old) even where the mask multiplies it away.
+        engine_logprobs[row, start : length - 1] = torch.where(
+            response_mask > 0, torch.tensor(sample.response_logprobs), 0.0
+        )
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)
     return TensorBatch(input_ids, attention_mask, loss_mask, engine_logprobs, advantages, rewards)
+
+
+def response_loss_mask(sample: TrainSample) -> Tensor:
+    """``[R]`` float32: the sample's per-token ``loss_mask`` (all ones when it has none)."""
+    error = loss_mask_error(sample)
+    if error is not None:
+        raise ValueError(error)
+    if not sample.loss_mask:
+        return torch.ones(len(sample.response_ids), dtype=torch.float32)
+    return torch.tensor(sample.loss_mask, dtype=torch.float32)
 
 
 def split(batch: TensorBatch, micro_batch_size: int) -> list[TensorBatch]:

@@ -149,3 +149,15 @@ def test_pending_names_the_oldest_round_to_measure_started_or_not() -> None:
     r.start(4, ["b"], now=0.0)
     assert r.overdue(now=100.0)  # written partial: no longer pending
     assert r.pending(4) is None
+
+
+def test_a_round_keeps_its_first_prompts_completions_for_the_trackers() -> None:
+    rounds = EvalRounds(eval_every=2, last_step=4, timeout_seconds=60, correct_reward=1.0)
+    ids = [f"eval2-{i}-coord" for i in range(10)]
+    rounds.start(2, ids, now=0.0)
+    done = None
+    for task_id in reversed(ids):
+        done = rounds.record(result(task_id, reward=1.0)) or done
+    assert done is not None
+    examples = summarize(done, time=0.0).examples
+    assert len(examples) == 8 and all(e.reward == 1.0 for e in examples)

@@ -74,6 +74,7 @@ def test_the_manifest_records_the_step_its_files_and_the_batch() -> None:
     assert (manifest.samples, manifest.min_sample_version, manifest.reward_mean) == (4, 2, 0.5)
     assert manifest.reward_histogram == record.reward_histogram([1.0, 0.0, 1.0, 0.0])
     assert manifest.reward_histogram["0.0"] == manifest.reward_histogram["1.0"] == 2
+    assert manifest.turns == {}  # single completions: no turns to count
     assert manifest.seconds == {"train": 1.5, "save_weights": 0.2}
     # The wire keeps the plain mapping, exactly the reported keys.
     assert manifest.metrics == {
@@ -153,3 +154,25 @@ def test_a_refused_commit_is_ours_only_when_the_stored_step_names_our_weights() 
     other = msgspec.structs.replace(ours, weights_uri="file:///blobs/weights/v1-other")
     assert not is_own_commit(ours, other)  # another trainer committed the step
     assert not is_own_commit(ours, None)  # refused, and nothing stored: not ours either
+
+
+def test_the_manifest_counts_a_multi_turn_batchs_turns_per_role() -> None:
+    """What `steps.jsonl` shows of a tool-using policy: its turns per role, step by step."""
+    calls = [
+        events.Turn(role=r, start=0, end=1, trained=r == "assistant")
+        for r in ("assistant", "tool", "assistant")
+    ]
+    direct = [events.Turn(role="assistant", start=0, end=1, trained=True)]
+    samples = [
+        msgspec.structs.replace(sample, turns=calls if i == 0 else direct)
+        for i, sample in enumerate(BATCH.samples)
+    ]
+    batch = msgspec.structs.replace(BATCH, samples=samples)
+    manifest = build_manifest(
+        result(ResumeState(3, OLD_STATE), 2, METRICS),
+        batch,
+        run_id="r",
+        dataset_cursor=12,
+        config_hash="cfg",
+    )
+    assert manifest.turns == {"assistant": 5, "tool": 1}
