@@ -3,9 +3,11 @@ module so tests are isolated and the chaos tests can kill them; a real local Ray
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -63,3 +65,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = task.build_tokenizer(directory)
     task.make_model(tokenizer, seed=0).save_pretrained(str(directory))
     return directory
+
+
+@pytest.fixture(scope="session")
+def addition_task() -> ModuleType:
+    """examples/addition/task.py, loaded by path under its own name: the character tokenizer
+    (with a chat template when asked), the tiny Llama and the warm start."""
+    path = Path(__file__).parents[1] / "examples" / "addition" / "task.py"
+    spec = importlib.util.spec_from_file_location("miles_tests_addition_task", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -22,11 +22,12 @@ tried (as do supervised AdamW steps on 8 examples at a time).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +59,16 @@ CHAT_TEMPLATE = (
 """A minimal chat format: ``<|user|>57+68=<|end|><|assistant|>`` asks for the answer."""
 
 
-def build_tokenizer(directory: str | Path, chat: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    directory: str | Path, chat: bool = False, extra: str = ""
+) -> PreTrainedTokenizerFast:
     """A character-level tokenizer saved to ``directory`` (loadable offline by AutoTokenizer).
 
     No post-processor: encoding a prompt adds neither a BOS nor an EOS token. With ``chat``,
-    the role markers are special tokens and ``CHAT_TEMPLATE`` is its chat template.
+    the role markers are special tokens and ``CHAT_TEMPLATE`` is its chat template; ``extra``
+    characters join the vocabulary (examples/calculator's tool call).
     """
-    vocab = {token: index for index, token in enumerate([PAD, EOS, *CHARACTERS])}
+    vocab = {token: index for index, token in enumerate([PAD, EOS, *CHARACTERS, *extra])}
     backend = Tokenizer(models.WordLevel(vocab))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()  # join characters without the default spaces
@@ -182,22 +186,88 @@ def reward(completion: str, label: str) -> float:
     return 1.0 if completion.split(EOS)[0].strip() == label else 0.0
 
 
+Turns = list[tuple[str, bool]]
+"""A demonstration after its prompt: ``(text, trained)`` turns, ``<eos>`` written out where the
+answer ends; untrained turns (a tool's reply) are context with no loss."""
+
+
 def supervised_batch(
-    tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[str, str]]
+    tokenizer: PreTrainedTokenizerFast, rows: list[tuple[str, Turns]]
 ) -> dict[str, torch.Tensor]:
-    """Right-padded (prompt, completion) pairs; loss on the completion and ``<eos>`` only."""
-    rows = []
-    for prompt, completion in pairs:
-        prompt_ids = tokenizer.encode(prompt)
-        target = [*tokenizer.encode(completion), tokenizer.eos_token_id]
-        rows.append((prompt_ids + target, [-100] * len(prompt_ids) + target))
-    width = max(len(ids) for ids, _ in rows)
+    """Right-padded (prompt, turns) demonstrations; the loss on the trained turns only."""
+    encoded = []
+    for prompt, turns in rows:
+        ids = tokenizer.encode(prompt)
+        labels = [-100] * len(ids)
+        for text, trained in turns:
+            turn = tokenizer.encode(text)
+            ids += turn
+            labels += turn if trained else [-100] * len(turn)
+        encoded.append((ids, labels))
+    width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id
     return {
-        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows]),
-        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in rows]),
-        "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows]),
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded]),
+        "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded]),
     }
+
+
+Demonstrate = Callable[[str, random.Random], Turns]
+"""A teacher: the turns that answer a prompt, drawing any randomness from the generator."""
+
+
+def imitate(
+    directory: Path,
+    parameters: dict[str, Any],
+    tokenizer: PreTrainedTokenizerFast,
+    demonstrate: Demonstrate,
+    render: Callable[[str], str] = str,
+) -> Path:
+    """Train a fresh model to imitate ``demonstrate`` on rendered training prompts; save it and
+    ``tokenizer`` to ``directory``, with ``DONE`` holding the digest of ``parameters`` (which
+    must name everything that changes the result: a later call with the same digest is free).
+
+    AdamW with a warmup-stable-decay schedule (50 warmup and 50 cooldown steps): the cooldown
+    settles the model, so its greedy accuracy does not depend on where a noisy step stopped.
+    """
+    digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()
+    done = directory / "DONE"
+    if done.is_file() and done.read_text().strip() == digest:
+        return directory
+    steps, seed, batch_size = parameters["steps"], parameters["seed"], parameters["batch_size"]
+    model = make_model(tokenizer, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=parameters["lr"], weight_decay=0.0)
+    ramp = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / ramp, (steps - step) / ramp)
+    )
+    digits = parameters["digits"]
+    pool_size = min(steps * batch_size // 4 + batch_size, 10 ** (2 * digits) // 2)
+    problems = make_problems(pool_size, seed, digits)
+    rng = random.Random(seed)
+    model.train()
+    for _ in range(steps):
+        rows = [
+            (render(problem["prompt"]), demonstrate(problem["prompt"], rng))
+            for problem in rng.sample(problems, batch_size)
+        ]
+        loss = model(**supervised_batch(tokenizer, rows)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    model.save_pretrained(str(directory))  # safetensors
+    (directory / "warm_start.json").write_text(json.dumps({**parameters, "loss": loss.item()}))
+    done.write_text(digest + "\n")
+    return directory
+
+
+def operands(prompt: str) -> tuple[int, int]:
+    a, b = prompt.rstrip("=").split("+")
+    return int(a), int(b)
 
 
 def warm_start(
@@ -213,11 +283,8 @@ def warm_start(
     """Supervised imitation of the sloppy teacher; saves model and tokenizer to ``directory``.
 
     The defaults (2 digits, 400 steps) take ~30-45 s on 2 CPU cores and give ~32% greedy accuracy.
-
-    AdamW with a warmup-stable-decay schedule (50 warmup and 50 cooldown steps): the cooldown
-    settles the model, so its greedy accuracy does not depend on where a noisy step stopped.
-    Skipped when ``directory/DONE`` records the same parameters. With ``chat``, the tokenizer
-    has a chat template and the model learns to answer prompts rendered with it.
+    Skipped when ``directory/DONE`` records the same parameters (``imitate``). With ``chat``,
+    the tokenizer has a chat template and the model learns to answer prompts rendered with it.
     """
     directory = Path(directory)
     parameters = dict(
@@ -232,39 +299,13 @@ def warm_start(
     )
     if chat:
         parameters["chat_template"] = CHAT_TEMPLATE
-    digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest()
-    done = directory / "DONE"
-    if done.is_file() and done.read_text().strip() == digest:
-        return directory
-
     tokenizer = build_tokenizer(directory, chat)
-    model = make_model(tokenizer, seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    ramp = 50
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / ramp, (steps - step) / ramp)
-    )
-    pool_size = min(steps * batch_size // 4 + batch_size, 10 ** (2 * digits) // 2)
-    problems = make_problems(pool_size, seed, digits)
-    rng = random.Random(seed)
-    model.train()
-    for _ in range(steps):
-        pairs = []
-        for problem in rng.sample(problems, batch_size):
-            a, b = map(int, problem["prompt"][:-1].split("+"))
-            prompt = as_chat(tokenizer, problem["prompt"]) if chat else problem["prompt"]
-            pairs.append((prompt, answer(a, b, carry_drop, rng)))
-        loss = model(**supervised_batch(tokenizer, pairs)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-    model.eval()
-    model.save_pretrained(str(directory))  # safetensors
-    (directory / "warm_start.json").write_text(json.dumps({**parameters, "loss": loss.item()}))
-    done.write_text(digest + "\n")
-    return directory
+
+    def sloppy(prompt: str, rng: random.Random) -> Turns:
+        return [(answer(*operands(prompt), carry_drop, rng) + EOS, True)]
+
+    render = functools.partial(as_chat, tokenizer) if chat else str
+    return imitate(directory, parameters, tokenizer, sloppy, render)
 
 
 @torch.no_grad()

@@ -6,14 +6,11 @@ every service's /metrics while it runs."""
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
+from launch import miles_run
 from observability import serve_otlp
 from observed import RECIPE, RUN_ID, STEPS, ObservedRun, serve_prometheus
 
@@ -37,36 +34,16 @@ def observed_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObservedR
             directory.mkdir()
             targets = run_dir / "prometheus_targets.json"
             prometheus = stack.enter_context(serve_prometheus(directory, targets))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-        for name in ("NATS_URL", "REDIS_URL", "RAY_ADDRESS"):
-            env.pop(name, None)
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{receiver.port}"
-        command = [
-            sys.executable,
-            "-m",
-            "miles.cli",
-            "run",
-            str(RECIPE),
-            "--quiet",
-            "--run-id",
-            RUN_ID,
-            "--set",
-            f"run.output_dir='{root}'",
-            "--set",
-            f"run.steps={STEPS}",
-            "--set",
-            f"coordinator.eval_every={STEPS}",
-            "--set",
-            "data.eval_size=20",
-        ]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        steps_file = (run_dir / "steps.jsonl").read_text().splitlines()
+        # Its own Ray head, as `make demo` starts one.
+        exporter = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
+        done = miles_run(
+            RECIPE, root, RUN_ID, "--set", "data.eval_size=20", steps=STEPS, env=exporter
+        )
         yield ObservedRun(
             run_dir=run_dir,
             output=done.stdout,
-            summary=json.loads((run_dir / "summary.json").read_text()),
-            steps=[json.loads(line) for line in steps_file],
+            summary=done.summary,
+            steps=done.steps,
             receiver=receiver,
             prometheus=prometheus,
             prometheus_missing=missing,

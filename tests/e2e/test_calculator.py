@@ -5,14 +5,12 @@ must not. The turns show in steps.jsonl (per role, per step) and in the traces."
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from launch import miles_run
 from observability import OtlpReceiver, serve_otlp
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,30 +25,12 @@ def run_calculator(
     tmp_path: Path, ray_address: str, name: str, *overrides: str, otlp: OtlpReceiver | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """`miles run` of the recipe (embedded NATS and Redis, the session's Ray): its summary and
-    its steps.jsonl."""
-    command = [
-        sys.executable,
-        "-m",
-        "miles.cli",
-        "run",
-        str(RECIPE),
-        "--quiet",
-        "--run-id",
-        name,
-        *("--set", f"run.steps={STEPS}", "--set", f"coordinator.eval_every={STEPS}"),
-        *("--set", f"run.output_dir='{tmp_path}'", *overrides),
-    ]
-    # The warm start is cached in runs/cache (or MILES_CACHE_DIR), shared with `miles run`.
-    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL")}
-    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
-    env["RAY_ADDRESS"] = ray_address
-    if otlp is not None:
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{otlp.port}"
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / name
-    steps = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
-    return json.loads((run_dir / "summary.json").read_text()), steps
+    its steps.jsonl. The warm start is cached in runs/cache (or MILES_CACHE_DIR)."""
+    env = {} if otlp is None else {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp.port}"}
+    run = miles_run(
+        RECIPE, tmp_path, name, *overrides, steps=STEPS, ray_address=ray_address, env=env
+    )
+    return run.summary, run.steps
 
 
 def call_rate(steps: list[dict[str, Any]]) -> float:

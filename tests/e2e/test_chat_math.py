@@ -6,12 +6,10 @@ reports to wandb (offline) and TensorBoard, which must hold what ``steps.jsonl``
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import miles_run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_records import history
 
@@ -23,35 +21,16 @@ MARGIN = 0.15
 
 
 def test_the_chat_math_example_learns(tmp_path: Path, ray_cluster: str) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "miles.cli",
-        "run",
-        str(RECIPE),
-        "--quiet",
-        "--run-id",
-        "chat",
-        "--set",
-        f"run.steps={STEPS}",
-        "--set",
-        f"coordinator.eval_every={STEPS}",
-        "--set",
-        f"run.output_dir='{tmp_path}'",
-        "--set",
-        "tracking.wandb=true",
-        "--set",
-        "tracking.tensorboard=true",
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL", "WANDB_DIR")}
-    env |= {"RAY_ADDRESS": ray_cluster, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "miles: checked model" in result.stdout
-    assert "reward on a train row with its label as the completion: correct=0, digits_only=1" in (
-        result.stdout
+    tracking = ("--set", "tracking.wandb=true", "--set", "tracking.tensorboard=true")
+    wandb = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    run = miles_run(
+        RECIPE, tmp_path, "chat", *tracking, steps=STEPS, ray_address=ray_cluster, env=wandb
     )
-    summary = json.loads((tmp_path / "chat" / "summary.json").read_text())
+    assert "miles: checked model" in run.stdout
+    assert "reward on a train row with its label as the completion: correct=0, digits_only=1" in (
+        run.stdout
+    )
+    summary = run.summary
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     assert after >= before + MARGIN, f"held-out accuracy {before:.3f} -> {after:.3f}"
     by_fn = summary["metrics"]["reward_mean_by_fn"]
@@ -59,9 +38,7 @@ def test_the_chat_math_example_learns(tmp_path: Path, ray_cluster: str) -> None:
     config = json.loads((tmp_path / "chat" / "config.json").read_text())
     assert config["data"]["train_path"].endswith(".parquet")
 
-    steps = [
-        json.loads(line) for line in (tmp_path / "chat" / "steps.jsonl").read_text().splitlines()
-    ]
+    steps = run.steps
     logged = {row["_step"]: row for row in history(tmp_path / "chat") if "train/reward_mean" in row}
     assert sorted(logged) == [s["step"] for s in steps] == list(range(1, STEPS + 1))
     for step in steps:

@@ -4,13 +4,12 @@ switched off (lr = 0) must not."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from launch import miles_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -20,33 +19,11 @@ STEPS = int(os.environ.get("MILES_E2E_STEPS", "20"))
 MARGIN = 0.10  # accuracy points GRPO must add within STEPS steps
 
 
-def run_demo(tmp_path: Path, ray_address: str, name: str, *overrides: str) -> dict:
-    """`miles run` of the demo with embedded NATS and Redis, on the session's Ray cluster (a
-    Ray head per run would cost each about 6 s; the observed run of test_prometheus and
-    test_tracing_run starts its own, as `make demo` does)."""
-    command = [
-        sys.executable,
-        "-m",
-        "miles.cli",
-        "run",
-        str(RECIPE),
-        "--quiet",
-        "--run-id",
-        name,
-        "--set",
-        f"run.steps={STEPS}",
-        "--set",
-        f"coordinator.eval_every={STEPS}",
-        "--set",
-        f"run.output_dir='{tmp_path}'",
-        *overrides,
-    ]
-    # Embedded servers for each run; the warm start is cached in runs/cache, shared with the demo.
-    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "REDIS_URL")}
-    env["RAY_ADDRESS"] = ray_address
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads((tmp_path / name / "summary.json").read_text())
+def run_demo(tmp_path: Path, ray_address: str, name: str, *overrides: str) -> dict[str, Any]:
+    """`miles run` of the demo (the warm start is cached in runs/cache, shared with the demo)."""
+    return miles_run(
+        RECIPE, tmp_path, name, *overrides, steps=STEPS, ray_address=ray_address
+    ).summary
 
 
 def test_grpo_raises_held_out_accuracy_and_lr0_does_not(tmp_path: Path, ray_cluster: str) -> None:

@@ -3,7 +3,6 @@ found in the local Hugging Face cache, never downloaded; the tokenizer may live 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,10 @@ from miles import models
 from miles.config import ModelConfig
 from miles.engine.transformers_engine import TransformersEngine
 
-TASK_PATH = Path(__file__).resolve().parents[2] / "examples" / "addition" / "task.py"
-
 
 @pytest.fixture(scope="module")
-def task() -> Any:
-    spec = importlib.util.spec_from_file_location("addition_task_for_models", TASK_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def task(addition_task: Any) -> Any:
+    return addition_task
 
 
 @pytest.fixture(scope="module")

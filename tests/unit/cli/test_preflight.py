@@ -3,30 +3,24 @@ anything: each problem is one line saying what to fix, and the exit code is 2.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import textwrap
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 
 from miles.cli.main import main
 
-TASK_PATH = Path(__file__).resolve().parents[3] / "examples" / "addition" / "task.py"
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model_dir(addition_task: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama and its tokenizer, saved in shards with an index."""
-    spec = importlib.util.spec_from_file_location("addition_task_for_preflight", TASK_PATH)
-    assert spec is not None and spec.loader is not None
-    task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(task)
     directory = tmp_path_factory.mktemp("model")
-    tokenizer = task.build_tokenizer(directory)
-    task.make_model(tokenizer).save_pretrained(directory, max_shard_size="500KB")
+    tokenizer = addition_task.build_tokenizer(directory)
+    addition_task.make_model(tokenizer).save_pretrained(directory, max_shard_size="500KB")
     assert (directory / "model.safetensors.index.json").is_file()
     return directory
 

@@ -82,7 +82,7 @@ def test_csv_is_read_by_datasets(tmp_path: Path) -> None:
 def test_held_out_data_is_optional_and_training_data_is_not(tmp_path: Path) -> None:
     cfg = config(write("jsonl", tmp_path, ROWS))
     assert load_prompts(cfg, recipe(), "eval").prompts == []
-    with pytest.raises(DataError, match="no training data: set data.train_path"):
+    with pytest.raises(DataError, match=r"no training data: set data.train_path"):
         load_prompts(config(None), recipe(), "train")
 
 
@@ -106,14 +106,14 @@ def test_a_bad_row_is_one_line_naming_it(tmp_path: Path, content: str, error: st
 
 
 def test_a_missing_or_unknown_file_says_so(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="data.train_path: .*nope.jsonl does not exist"):
+    with pytest.raises(DataError, match=r"data.train_path: .*nope.jsonl does not exist"):
         load_prompts(config(tmp_path / "nope.jsonl"), recipe(), "train")
     odd = tmp_path / "rows.xlsx"
     odd.write_text("x")
-    with pytest.raises(DataError, match="is not .jsonl, .parquet"):
+    with pytest.raises(DataError, match=r"is not .jsonl, .parquet"):
         load_prompts(config(odd), recipe(), "train")
     (tmp_path / "plain_dir").mkdir()
-    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+    with pytest.raises(DataError, match=r"not one written by datasets' save_to_disk"):
         load_prompts(config(tmp_path / "plain_dir"), recipe(), "train")
 
 
@@ -125,7 +125,7 @@ def test_chat_rows_are_rendered_with_the_template(tmp_path: Path, chat_tokenizer
     assert prompt.prompt == "<|user|>1+2=<|end|><|assistant|>"
     assert prompt.messages == rows[0]["messages"]
     assert "messages" not in prompt.metadata
-    with pytest.raises(DataError, match="need a chat template, and no tokenizer"):
+    with pytest.raises(DataError, match=r"need a chat template, and no tokenizer"):
         load_prompts(cfg, recipe(), "train")
 
 
@@ -138,7 +138,7 @@ def test_chat_template_on_wraps_plain_prompts_and_off_refuses_messages(
     )
     rows = [{"question": [{"role": "user", "content": "1+2="}], "answer": 3}]
     off = config(write("jsonl", tmp_path, rows), chat_template="off")
-    with pytest.raises(DataError, match="holds chat messages but data.chat_template='off'"):
+    with pytest.raises(DataError, match=r"holds chat messages but data.chat_template='off'"):
         load_prompts(off, recipe(), "train", chat_tokenizer)
 
 
@@ -149,7 +149,7 @@ def test_max_prompt_tokens_drops_long_rows_and_counts_them(
     loaded = load_prompts(cfg, recipe(), "train", chat_tokenizer)
     assert [p.prompt for p in loaded.prompts] == ["1+2="] and loaded.dropped == 1
     cfg.data.max_prompt_tokens = 2
-    with pytest.raises(DataError, match="empty after dropping 2 rows over data.max_prompt_tokens"):
+    with pytest.raises(DataError, match=r"empty after dropping 2 rows over data.max_prompt_tokens"):
         load_prompts(cfg, recipe(), "train", chat_tokenizer)
 
 

@@ -183,4 +183,4 @@ def test_built_in_rewards() -> None:
     assert exact(sample(" 42\n", label="42")) == 1.0 and exact(sample("42.", label="42")) == 0.0
     think = miles.rewards.format_regex(r"^<think>.*</think>", name="think")
     assert think(sample("<think>a\nb</think> 4")) == 1.0 and think(sample("4")) == 0.0
-    assert think.__name__ == "think" and getattr(think, "__miles_role__") == "reward"
+    assert think.__name__ == "think" and think.__miles_role__ == "reward"
