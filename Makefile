@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_FLAGS ?=
 
-.PHONY: help venv system-deps demo test test-algorithms test-unit test-integration test-e2e test-chaos check fmt lint types contracts bench clean
+.PHONY: help venv system-deps demo test test-algorithms test-extended test-unit test-integration test-e2e test-chaos check fmt lint types contracts bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -42,10 +42,13 @@ demo: $(STAMP) ## run the addition demo end to end (GRPO on a tiny Llama, five s
 	$(BIN)/miles run examples/addition/recipe.py
 
 test: $(STAMP) ## run every test that fits this machine (unit, integration, e2e, chaos, reference)
-	$(BIN)/pytest -q -m "not algorithms" $(PYTEST_FLAGS)
+	$(BIN)/pytest -q -m "not algorithms and not extended" $(PYTEST_FLAGS)
 
 test-algorithms: $(STAMP) ## every algorithm family learns the demo (e2e, ~6 min; CI runs it too)
 	$(BIN)/pytest -q -m algorithms tests/e2e $(PYTEST_FLAGS)
+
+test-extended: $(STAMP) ## the other examples and features learn and survive kill -9 (CI runs it)
+	$(BIN)/pytest -q -m extended $(PYTEST_FLAGS)
 
 test-unit: $(STAMP) ## unit tests only
 	$(BIN)/pytest -q tests/unit $(PYTEST_FLAGS)

@@ -13,7 +13,7 @@ import pytest
 from launch import miles_run
 from observability import OtlpReceiver, serve_otlp
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.extended]
 
 ROOT = Path(__file__).parents[2]
 RECIPE = ROOT / "examples" / "calculator" / "recipe.py"
