@@ -29,7 +29,9 @@ from miles.config.algorithm import (
     MismatchCorrection,
     ReinforcePP,
 )
+from miles.config.lora import LoraConfig
 from miles.config.section import Section as _Section
+from miles.config.simulated import SimulatedEngineConfig, SimulatedTrainerConfig
 
 __all__ = [
     "ALGORITHMS",
@@ -48,6 +50,7 @@ __all__ = [
     "HFRewardModel",
     "HTTPRewardModel",
     "InfraConfig",
+    "LoraConfig",
     "MilesConfig",
     "MismatchCorrection",
     "ModelConfig",
@@ -56,6 +59,8 @@ __all__ = [
     "RewardModel",
     "RolloutConfig",
     "RunConfig",
+    "SimulatedEngineConfig",
+    "SimulatedTrainerConfig",
     "TrackingConfig",
     "TrainerConfig",
     "apply_overrides",
@@ -126,11 +131,17 @@ class RolloutConfig(_Section):
     engine_max_restarts: int = Field(
         3, ge=0, description="Ray restarts of a dead engine actor before it is replaced."
     )
-    engine: Literal["local", "sglang"] = Field(
+    engine: Literal["local", "sglang", "simulated"] = Field(
         "local",
         description="Every engine is its own server process driven over SGLang's HTTP API: "
         "`sglang` runs `python -m sglang.launch_server` (GPU), `local` miles' CPU server that "
-        "serves the same routes on a transformers model.",
+        "serves the same routes on a transformers model. `simulated` (benchmarks and tests): "
+        "engines inside the rollout process that sleep instead of computing "
+        "(rollout.simulated).",
+    )
+    simulated: SimulatedEngineConfig = Field(
+        default_factory=SimulatedEngineConfig,
+        description="The simulated engines' rate, response lengths and weight-load time.",
     )
     engine_num_gpus: float = Field(0, ge=0, description="Ray GPUs held by each engine actor.")
     weight_sync: Literal["blob", "distributed", "tensor"] = Field(
@@ -211,10 +222,15 @@ class BufferConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    backend: Literal["torch", "megatron"] = Field(
+    backend: Literal["torch", "megatron", "simulated"] = Field(
         "torch",
         description="torch: one process, the HF model. megatron: Megatron-core GPTModel ranks "
-        "as Ray actors in a placement group (tensor/pipeline/data parallel).",
+        "as Ray actors in a placement group (tensor/pipeline/data parallel). simulated "
+        "(benchmarks and tests): sleeps trainer.simulated's time per step, tiny weights.",
+    )
+    simulated: SimulatedTrainerConfig = Field(
+        default_factory=SimulatedTrainerConfig,
+        description="The simulated backend's time per step and per sample.",
     )
     tensor_parallel: int = Field(1, ge=1, description="Megatron: tensor-parallel size.")
     pipeline_parallel: int = Field(1, ge=1, description="Megatron: pipeline-parallel size.")
@@ -269,6 +285,11 @@ class TrainerConfig(_Section):
         "bf16",
         description="dtype of the model `miles run` exports to runs/<id>/final/ at the end "
         "(and the default of `miles export`).",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="Low-rank adapters (torch backend): only they train; engines get the "
+        "merged weights. rank 0: off.",
     )
 
 
@@ -472,6 +493,29 @@ class MilesConfig(_Section):
             raise ValueError(
                 f"rollout.weight_sync={self.rollout.weight_sync!r} needs trainer.backend="
                 "'torch': Megatron's weights are sharded over its ranks; use 'blob'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _simulated_stays_simulated(self) -> MilesConfig:
+        if self.trainer.backend == "simulated" and self.rollout.engine != "simulated":
+            raise ValueError(
+                "trainer.backend='simulated' publishes placeholder weights that only "
+                "rollout.engine='simulated' can load"
+            )
+        if self.rollout.engine == "simulated" and self.rollout.pushes_weights:
+            raise ValueError(
+                "rollout.engine='simulated' has no server to push weights into: set "
+                "rollout.weight_sync='blob'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_needs_torch(self) -> MilesConfig:
+        if self.trainer.lora.enabled and self.trainer.backend != "torch":
+            raise ValueError(
+                "trainer.lora needs trainer.backend='torch' (peft wraps the HF model); set "
+                "trainer.lora.rank=0 for Megatron"
             )
         return self
 

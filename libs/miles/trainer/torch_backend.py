@@ -9,6 +9,10 @@ first, computed in a forward pass over the batch up front.
 Precision: weights, gradients and AdamW moments are always fp32. ``dtype="bf16"`` runs the
 forward under CPU autocast to bf16 (matmuls in bf16, softmax and loss in fp32), which is the
 honest CPU analogue of mixed-precision training with fp32 master weights; saved weights stay fp32.
+
+With ``trainer.lora`` (``miles.trainer.lora``) only the adapters train and AdamW holds their
+moments alone; the reference is the policy with its adapters switched off (no frozen copy), and
+the weights published and saved are the merged ones. PPO's critic stays a full fine-tune.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from miles.algo.value import outcome_rewards
 from miles.config import DPO, PPO, Algorithm, TrainerConfig
 from miles.config.algorithm import PolicyGradient
 from miles.events import TrainSample
+from miles.trainer import lora
 from miles.trainer.batch import (
     TensorBatch,
     collate,
@@ -71,7 +76,8 @@ STATE_FILE = "trainer_state.pt"
 
 
 class TorchTrainer:
-    """The ``TrainerBackend`` of one process: the HF model, AdamW, a frozen reference."""
+    """The ``TrainerBackend`` of one process: the HF model (with LoRA adapters, or not), AdamW
+    over what trains, a reference."""
 
     state_file = STATE_FILE
 
@@ -94,17 +100,24 @@ class TorchTrainer:
             model_path, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
         self.model.to(self.device)  # type: ignore[arg-type]  # transformers types .to oddly
+        # The adapters go into self.model in place: its forward runs them, its base is frozen.
+        self.lora = lora.with_adapters(self.model, trainer.lora) if trainer.lora.enabled else None
         # Eval mode switches dropout off: the ratio pi_theta / pi_old compares against an engine
         # that sampled without dropout. Gradients flow all the same.
         self.model.eval()
-        self.reference = _frozen_copy(self.model) if algorithm.needs_reference else None
+        self.reference: nn.Module | None = None
+        if algorithm.needs_reference:
+            self.reference = (
+                _frozen_copy(self.model) if self.lora is None else lora.BaseModel(self.lora)
+            )
         self.critic = (
             Critic(model_path, algorithm, trainer, self.device)
             if isinstance(algorithm, PPO)
             else None
         )
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            self.trainable,
             lr=trainer.lr,
             betas=trainer.betas,
             weight_decay=trainer.weight_decay,
@@ -124,9 +137,7 @@ class TorchTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 metrics = self._gradients(part)
                 step_started = time.perf_counter()
-                grad_norm = nn.utils.clip_grad_norm_(
-                    self.model.parameters(), self.trainer.grad_clip
-                )
+                grad_norm = nn.utils.clip_grad_norm_(self.trainable, self.trainer.grad_clip)
                 self.optimizer.step()
                 if self.critic is not None:
                     metrics |= self.critic.step(part)
@@ -155,6 +166,8 @@ class TorchTrainer:
             self.critic.scale_learning_rate(factor)
 
     def save_weights(self, directory: str) -> str:
+        if self.lora is not None:
+            return lora.save_weights(self.lora, directory)
         # transformers 5 always writes safetensors (``safe_serialization`` is gone) and keeps HF
         # parameter names (``save_original_format=True`` by default).
         self.model.save_pretrained(directory)
@@ -163,10 +176,15 @@ class TorchTrainer:
 
     def load_weights(self, directory: str) -> None:
         """Load policy weights in place; the optimizer moments and the reference are kept."""
+        if self.lora is not None:
+            lora.load_weights(self.lora, directory, self.device)
+            return
         # safetensors' load_model knows that tied parameters were saved once.
         load_model(self.model, Path(directory) / WEIGHTS_FILE, device=str(self.device))
 
     def named_tensors(self) -> dict[str, Tensor]:
+        if self.lora is not None:
+            return lora.merged_tensors(self.lora)
         return dict(self.model.state_dict())
 
     def save_state(self, directory: str) -> str:
