@@ -157,7 +157,7 @@ class EngineFleet:
         shared = ["--tokenizer-path", str(model.tokenizer_path)] if model.tokenizer_path else []
         shared += ["--trust-remote-code"] if model.trust_remote_code else []
         if self.rollout.engine == "local":
-            return ["--threads", str(self.rollout.engine_threads), *shared]
+            return ["--threads", str(self.config.cpu_threads().engine), *shared]
         return [*shared, *self.rollout.sglang_args]
 
     async def _start(self, index: int) -> EngineSlot:

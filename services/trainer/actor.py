@@ -102,7 +102,7 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
     """The backend ``trainer.backend`` names, with the recipe's ``@miles.update`` if any."""
     if config.model.path is None:
         raise ValueError("model.path is not set: point it at a Hugging Face model directory")
-    trainer = config.trainer
+    trainer = config.trainer.model_copy(update={"threads": config.cpu_threads().trainer})
     if trainer.backend == "torch":
         return TorchTrainer(
             str(config.model.path),

@@ -214,3 +214,15 @@ def test_resolved_algorithm_decides_pi_old_and_the_length_constant() -> None:
     assert strict.algorithm_resolved().norm_tokens == 12
     stale = load_config(overrides=["buffer.max_staleness=2"])
     assert stale.algorithm_resolved().old_logprobs == "engine"
+
+
+def test_cpu_threads_share_the_cores_among_what_computes_at_once() -> None:
+    config = MilesConfig()
+    # strict on-policy: the engine and the trainer take turns, each gets every core
+    assert (config.cpu_threads(2).engine, config.cpu_threads(2).trainer) == (2, 2)
+    config.buffer.max_staleness = 1  # they overlap: one share each
+    assert (config.cpu_threads(2).engine, config.cpu_threads(2).trainer) == (1, 1)
+    config.rollout.engines = 3
+    assert (config.cpu_threads(8).engine, config.cpu_threads(8).trainer) == (2, 2)
+    config.rollout.engine_threads, config.trainer.threads = 4, 3  # set: kept
+    assert (config.cpu_threads(8).engine, config.cpu_threads(8).trainer) == (4, 3)

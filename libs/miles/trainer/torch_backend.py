@@ -90,7 +90,8 @@ class TorchTrainer:
         update_fn: UpdateFn | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        torch.set_num_threads(trainer.threads)
+        if trainer.threads:  # 0: as resolved by MilesConfig.cpu_threads, else torch's own
+            torch.set_num_threads(trainer.threads)
         torch.manual_seed(seed)
         self.trainer = trainer
         self.algorithm = algorithm

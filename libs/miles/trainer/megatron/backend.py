@@ -70,7 +70,8 @@ class MegatronTrainer:
             raise NotImplementedError("the Megatron backend trains in fp32 only (see module doc)")
         if not isinstance(algorithm, PolicyGradient):
             raise NotImplementedError(f"algorithm {algorithm.name!r} runs on the torch backend")
-        torch.set_num_threads(trainer.threads)
+        if trainer.threads:  # 0: as resolved by MilesConfig.cpu_threads, else torch's own
+            torch.set_num_threads(trainer.threads)
         torch.manual_seed(seed)
         self.trainer = trainer
         self.algorithm: PolicyGradient = algorithm
