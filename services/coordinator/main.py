@@ -35,7 +35,8 @@ async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
     created = await store.create_run(config.hash(), config.model_dump_json())
-    tokenizer = load_tokenizer(config.model)
+    # The prompts need it for chat templates and data.max_prompt_tokens, DPO's pairs always.
+    tokenizer = load_tokenizer(config.model) if config.model.path is not None else None
     train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id, tokenizer)
     held_out = load_prompts(config, ctx.recipe, "eval", tokenizer).prompts
     feed = await Feed.resume(bus, store, ctx.metrics, config, train)

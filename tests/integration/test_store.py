@@ -55,7 +55,7 @@ async def test_rows_are_json_with_the_fields_of_their_structs(store: RunStore) -
     [row] = await store.redis.lrange(store.keys.evals, 0, -1)
     assert row == (
         '{"round":2,"after_step":2,"policy_versions":[1,2],"accuracy":0.5,'
-        '"reward_mean":0.25,"n":3,"expected":4,"time":12.5}'
+        '"reward_mean":0.25,"n":3,"expected":4,"time":12.5,"examples":[]}'
     )
     beat = events.Heartbeat(
         run_id=store.run_id,
