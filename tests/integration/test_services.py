@@ -403,6 +403,7 @@ async def test_coordinator_paces_dispatch_by_staleness_gate(
         redis_server,
         f'data.train_path="{train}"',
         f'data.eval_path="{held_out}"',
+        "data.shuffle=false",  # the file's order, so the test can name each task's prompt
         "buffer.groups_per_batch=2",
         "buffer.max_staleness=0",
         "run.steps=3",
