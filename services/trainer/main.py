@@ -1,6 +1,7 @@
 """Trainer: batches in, committed steps and new weights out.
 
 resume from the latest manifest: its weights, its optimizer state and RNG
+finish a collection of old files that a crash cut short
 loop:
     pull one batch
     if the ledger says it was trained: re-announce its step (idempotent) and ack
@@ -8,6 +9,7 @@ loop:
     write the weights (every step) and the full state (every K steps) under unique names
     commit the manifest in Redis (written once; `latest` moves by compare-and-set)
     publish weights and step events (deduped by version), then ack the batch
+    collect old steps' files from the blob store (trainer.keep_checkpoints)
     if the Ray actor died (and was restarted with the base model): nak the batch, resume the
     actor from the latest manifest, go on
 
@@ -15,7 +17,8 @@ The decisions are pure code: ``position`` (the committed step and full state car
 when a full state is due, the names a step writes) and ``outcome`` (the manifest built from a
 step's results, the events announced from a manifest). ``step`` takes one batch through the
 sequence, ``checkpointing`` makes its writes, ``recovery`` keeps the actor (its resources, a
-resume, a restart waited out).
+resume, a restart waited out); ``retention`` decides which old files go, ``collection`` deletes
+them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from miles.runtime.subjects import TRAINER_CONSUMER
 from miles.telemetry import record
 from miles.weights.follow import make_blob_store
 from services.trainer.actor import TrainerActor
+from services.trainer.collection import collect
 from services.trainer.position import ResumeState
 from services.trainer.recovery import LOST_WEIGHTS, recover, resume, trainer_resources
 from services.trainer.step import handle
@@ -50,6 +54,7 @@ async def main(ctx: ServiceContext) -> None:
     )
     blobs = make_blob_store(config, bus, ctx.run_dir)
     position = await resume(actor, blobs, await ctx.manifests.latest())
+    await collect(ctx, blobs)  # what a collection cut short by a crash left
     batches = await bus.pull("batches", TRAINER_CONSUMER)
     log.info("trainer %s ready at step %d", ctx.instance, position.step)
 
@@ -76,3 +81,4 @@ async def main(ctx: ServiceContext) -> None:
             manifest.metrics["loss"],
             manifest.reward_mean,
         )
+        await collect(ctx, blobs)

@@ -430,3 +430,17 @@ async def test_object_buckets_hold_named_blobs(bus: Bus) -> None:
     into = io.BytesIO()
     await again.get("weights/v1/model.safetensors", into)
     assert into.getvalue() == blob
+
+
+async def test_object_buckets_list_and_delete_by_name(bus: Bus) -> None:
+    bucket = await bus.objects(f"miles_{bus.run_id}_blobs")
+    assert await bucket.names("") == []  # a new bucket is empty
+    for name in ("weights/v1/a", "weights/v1/b", "weights/v2/a", "state/s1/a"):
+        await bucket.put(name, io.BytesIO(name.encode()))
+    assert await bucket.names("weights/") == ["weights/v1/a", "weights/v1/b", "weights/v2/a"]
+    await bucket.delete("weights/v1/a")
+    await bucket.delete("weights/v1/a")  # gone already: a no-op
+    await bucket.delete("never/was")
+    assert await bucket.names("weights/v1/") == ["weights/v1/b"]
+    with pytest.raises(FileNotFoundError):
+        await bucket.get("weights/v1/a", io.BytesIO())

@@ -5,7 +5,8 @@ What a service relies on: a run created once per config, its record read back ty
 and heartbeats as structs, counters (dead letters, filtered groups counted once per task,
 restarts, stragglers), engines, batch plans that survive a restarted buffer, and step commits
 that are exactly-once: refused for a batch already trained, for any step but latest + 1, and
-for a step whose manifest exists, with nothing changed by a refusal.
+for a step whose manifest exists, with nothing changed by a refusal; and leases that keep a
+step's weights from collection, atomically with marking steps collected.
 """
 
 from __future__ import annotations
@@ -286,3 +287,34 @@ async def test_racing_trainers_commit_each_step_once(
         assert m.weights_uri == ("a" if m.step in a else "b")
     record = await run.store.record()
     assert (record.step, record.trained_groups, record.trained_samples) == (20, 40, 60)
+
+
+# --- leases and collection -------------------------------------------------------------------
+
+
+async def test_a_leased_step_is_not_collected_and_a_collected_step_is_not_leased(
+    run: Client,
+) -> None:
+    manifests = run.manifests
+    assert await manifests.lease(2, "export-a", 60)
+    assert await manifests.lease(2, "export-b", 60)  # two readers of one step
+    assert await manifests.leased() == {2}
+    assert await manifests.condemn([1, 2, 3]) == [1, 3]
+    assert [await manifests.collected(step) for step in (1, 2, 3)] == [True, False, True]
+    assert not await manifests.lease(3, "export-c", 60)  # its weights are going
+
+    await manifests.release(2, "export-a")
+    assert await manifests.condemn([2]) == []  # export-b still reads it
+    await manifests.release(2, "export-b")
+    assert await manifests.leased() == set()
+    assert await manifests.condemn([2]) == [2]
+    assert await manifests.condemn([2]) == [2]  # marking again is harmless (a retried collection)
+    assert await manifests.condemn([]) == []
+
+
+async def test_a_lease_expires(run: Client) -> None:
+    assert await run.manifests.lease(5, "export-a", 0.2)
+    assert await run.manifests.leased() == {5}
+    await asyncio.sleep(0.4)
+    assert await run.manifests.leased() == set()
+    assert await run.manifests.condemn([5]) == [5]

@@ -108,7 +108,8 @@ class LiveView:
         return table
 
     @staticmethod
-    def final(summary: dict[str, Any], run_dir: Path) -> None:
+    def final(summary: dict[str, Any], run_dir: Path, loading: str | None = None) -> None:
+        """The run's outcome; ``loading``: the lines that load the exported model."""
         console = Console(file=sys.stdout)
         table = Table(title="held-out accuracy")
         table.add_column("before", justify="right")
@@ -126,3 +127,6 @@ class LiveView:
         )
         console.print(table)
         console.print(f"summary: {run_dir / 'summary.json'}")
+        if loading:  # unwrapped, to copy and paste
+            console.print(f"model: {summary['model']}, loaded by", soft_wrap=True)
+            console.print(escape(loading), highlight=False, soft_wrap=True)

@@ -10,7 +10,7 @@ import sys
 
 from pydantic import ValidationError
 
-from miles.cli import plan, report, run, serve, status, track
+from miles.cli import export, plan, report, run, serve, status, track
 from miles.recipe import RecipeError
 from miles.runtime.bus import Unreachable
 
@@ -21,6 +21,7 @@ COMMANDS = {
     "report": report,
     "plan": plan,
     "track": track,
+    "export": export,
 }
 
 

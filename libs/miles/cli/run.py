@@ -7,7 +7,10 @@ supervise: restart a crashed service, or a crashed embedded server on its own st
     backoff, a log line and a count
 show live progress until the coordinator reports the run finished
 write runs/<run_id>/summary.json, steps.jsonl, metrics.json and (every 2 s while running)
-    timeline.jsonl, what `miles report` reads; stop everything, Ctrl-C included
+    timeline.jsonl, what `miles report` reads
+export the last step as a Hugging Face model into runs/<run_id>/final/ (`miles export`): after
+    the services stopped, before the embedded servers do (the weights may be in NATS)
+stop everything, Ctrl-C included
 
 A run stopped for any reason resumes with `miles run --resume <run_id>`: the embedded servers
 restart on the run's JetStream store and Redis AOF, and every service continues from Redis (the
@@ -33,7 +36,7 @@ from pathlib import Path
 import redis
 
 from miles import models
-from miles.cli import preflight, report, track
+from miles.cli import export, preflight, report, track
 from miles.cli.common import config_args, resolve_config, run_id_arg
 from miles.cli.live import LiveView
 from miles.config import MilesConfig
@@ -249,7 +252,13 @@ def run(args: argparse.Namespace) -> int:
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         report.save_run(run_dir, view)
-        LiveView.final(summary, run_dir)
+        loading = None
+        if finished:
+            exported = export.export_final(config, run_id, run_dir)
+            summary["model"] = str(exported.path)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            loading = export.loading_hint(exported)
+        LiveView.final(summary, run_dir, loading)
         return 0 if finished else 1
     except KeyboardInterrupt as stop:
         name = str(stop) or "SIGINT"

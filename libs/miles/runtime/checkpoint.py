@@ -13,6 +13,12 @@ renamed by the blob store before the commit, and their names are unique per atte
 that follows ``latest`` never sees a torn or half-overwritten checkpoint. A trainer that dies
 between its optimizer step and the commit leaves only unreferenced files behind.
 
+Old steps' files are collected (``trainer.keep_checkpoints``). A reader that must not lose a
+step's weights while it reads them (an export) leases the step; the trainer marks the steps it
+is about to delete as collected. Both are Lua scripts over the same keys, so a step is either
+leased or collected, never both: a lease on a collected step is refused, and a leased step is
+not collected until its lease is released or expires.
+
 ``Manifests`` implements ``run_record.ManifestsPort``; ``memory_store.MemoryManifests`` is its
 in-memory twin, held to the same refusals by tests/contract/test_run_record.py.
 """
@@ -91,6 +97,42 @@ redis.call('HINCRBY', KEYS[4], 'trained_samples', tonumber(ARGV[4]))
 return {'ok', step}
 """
 
+_LIVE_LEASES = """
+local held = {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. member) == 1 then
+    held[#held + 1] = string.match(member, '^(%d+):')
+  else
+    redis.call('SREM', KEYS[1], member)
+  end
+end
+return held
+"""
+
+_CONDEMN = """
+local held = {}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. member) == 1 then
+    held[string.match(member, '^(%d+):')] = true
+  end
+end
+local marked = {}
+for i = 2, #ARGV do
+  if not held[ARGV[i]] then
+    redis.call('SADD', KEYS[2], ARGV[i])
+    marked[#marked + 1] = ARGV[i]
+  end
+end
+return marked
+"""
+
+_LEASE = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[2])
+return 1
+"""
+
 
 class Manifests(ManifestsPort):
     """The manifests of one run in Redis (``run_record.ManifestsPort``)."""
@@ -99,6 +141,9 @@ class Manifests(ManifestsPort):
         self.redis = client
         self.keys = RunKeys(run_id)
         self._commit = client.register_script(_COMMIT)
+        self._live_leases = client.register_script(_LIVE_LEASES)
+        self._condemn = client.register_script(_CONDEMN)
+        self._lease = client.register_script(_LEASE)
 
     async def commit(self, manifest: Manifest) -> None:
         """Write the manifest once and move ``latest`` to it, or raise ``CommitRefused``."""
@@ -147,3 +192,32 @@ class Manifests(ManifestsPort):
             if batch_id in manifest.batch_ids:
                 return manifest
         return None
+
+    async def lease(self, step: int, holder: str, seconds: float) -> bool:
+        keys = self.keys
+        member = f"{step}:{holder}"
+        leased = await self._lease(
+            keys=[keys.leases, keys.collected, keys.lease(member)],
+            args=[step, member, max(1, int(seconds * 1000))],
+        )
+        return bool(leased)
+
+    async def release(self, step: int, holder: str) -> None:
+        member = f"{step}:{holder}"
+        await self.redis.delete(self.keys.lease(member))
+        await self.redis.srem(self.keys.leases, member)
+
+    async def leased(self) -> set[int]:
+        held = await self._live_leases(keys=[self.keys.leases], args=[self.keys.lease("")])
+        return {int(step) for step in held}
+
+    async def condemn(self, steps: list[int]) -> list[int]:
+        if not steps:
+            return []
+        marked = await self._condemn(
+            keys=[self.keys.leases, self.keys.collected], args=[self.keys.lease(""), *steps]
+        )
+        return sorted(int(step) for step in marked)
+
+    async def collected(self, step: int) -> bool:
+        return bool(await self.redis.sismember(self.keys.collected, str(step)))

@@ -14,6 +14,7 @@ Points (each names what the process holds when it dies):
 - ``buffer.published``        a batch published, its groups not yet acked
 - ``trainer.stepped``         optimizer step done, weights not saved, manifest not committed
 - ``trainer.committed``       manifest committed, batch not acked, weights not announced
+- ``trainer.mid_gc``          one old file deleted, the rest of the collection not yet
 
 ``MILES_SLOW_ENGINE=<index>:<seconds>`` slows one engine of each rollout replica down: its
 server sleeps that long before every generate (the straggler test's engine).

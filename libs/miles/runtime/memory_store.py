@@ -48,6 +48,9 @@ class MemoryRun:
     restarts: Counter[str] = field(default_factory=Counter)
     stragglers: Counter[str] = field(default_factory=Counter)
     engines: dict[str, str] = field(default_factory=dict)
+    leases: dict[tuple[int, str], float] = field(default_factory=dict)
+    """(step, holder) -> when the lease expires (``time.monotonic``)."""
+    collected: set[int] = field(default_factory=set)
 
 
 class MemoryRunStore(RunStorePort):
@@ -205,3 +208,27 @@ class MemoryManifests(ManifestsPort):
             if batch_id in manifest.batch_ids:
                 return manifest
         return None
+
+    async def lease(self, step: int, holder: str, seconds: float) -> bool:
+        if step in self.state.collected:
+            return False
+        self.state.leases[step, holder] = time.monotonic() + seconds
+        return True
+
+    async def release(self, step: int, holder: str) -> None:
+        self.state.leases.pop((step, holder), None)
+
+    async def leased(self) -> set[int]:
+        now = time.monotonic()
+        live = {key: until for key, until in self.state.leases.items() if until > now}
+        self.state.leases = live
+        return {step for step, _ in live}
+
+    async def condemn(self, steps: list[int]) -> list[int]:
+        held = await self.leased()
+        marked = sorted(step for step in steps if step not in held)
+        self.state.collected |= set(marked)
+        return marked
+
+    async def collected(self, step: int) -> bool:
+        return step in self.state.collected

@@ -181,3 +181,21 @@ class ManifestsPort(Protocol):
     async def step_of(self, batch_id: str) -> Manifest | None:
         """The committed step that consumed ``batch_id``."""
         ...
+
+    async def lease(self, step: int, holder: str, seconds: float) -> bool:
+        """Keep step ``step``'s weights from collection for ``seconds`` (an export reading
+        them); False when they were collected already. Leasing again extends the lease."""
+        ...
+
+    async def release(self, step: int, holder: str) -> None: ...
+
+    async def leased(self) -> set[int]:
+        """The steps an unexpired lease holds."""
+        ...
+
+    async def condemn(self, steps: list[int]) -> list[int]:
+        """Mark those of ``steps`` no lease holds as collected, atomically with ``lease``, and
+        return them (the trainer then deletes their weights). Marking again is harmless."""
+        ...
+
+    async def collected(self, step: int) -> bool: ...

@@ -17,6 +17,9 @@ Keys, all under ``miles:run:<run_id>``:
 - ``:restarts``       service -> how often `miles run` restarted it (the coordinator exports it)
 - ``:stragglers``     engine -> how often it was flagged as a straggler
 - ``:engines``        engine -> its base URL (a push: rollout.weight_sync != "blob")
+- ``:collected``      steps whose weights the trainer collected or is collecting (set)
+- ``:leases``         ``<step>:<holder>`` of every export lease (set); each lease is the key
+                      ``:lease:<step>:<holder>``, which expires
 ``miles:runs`` is a sorted set of run ids by start time.
 
 ``RunStore`` implements ``run_record.RunStorePort`` (``memory_store.MemoryRunStore`` is its
@@ -74,9 +77,15 @@ class RunKeys:
         self.restarts = f"{self.record}:restarts"
         self.stragglers = f"{self.record}:stragglers"
         self.engines = f"{self.record}:engines"
+        self.collected = f"{self.record}:collected"
+        self.leases = f"{self.record}:leases"
 
     def manifest(self, step: int) -> str:
         return f"{self.record}:manifest:{step}"
+
+    def lease(self, member: str) -> str:
+        """The expiring key of lease ``<step>:<holder>`` (``""``: the prefix of them all)."""
+        return f"{self.record}:lease:{member}"
 
 
 REDIS_OUTAGE_SECONDS = 120.0

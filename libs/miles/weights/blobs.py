@@ -3,6 +3,10 @@
 Events carry a URI and a sha256; the payload never rides the event. ``file://`` URIs point at a
 directory; ``nats-os://<bucket>/<prefix>`` at objects named ``<prefix>/<file>``. Readers verify
 the sha256 of ``model.safetensors`` before they load anything.
+
+Names are ``<family>/<leaf>`` (``weights/v3-1a2b3c4d``, ``state/s3-1a2b3c4d``). Only the trainer
+writes and deletes them (``services/trainer/collection.py`` collects old steps); everyone else
+reads.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ class ChecksumMismatch(ValueError):
     pass
 
 
+class BlobMissing(FileNotFoundError):
+    """The blob a URI names is not (or no longer) in the store: collected, or never written."""
+
+
 class BlobStore(Protocol):
     async def put_dir(self, local_dir: Path, name: str) -> str:
         """Store every file of ``local_dir`` under ``name`` and return the URI.
@@ -40,7 +48,18 @@ class BlobStore(Protocol):
         ...
 
     async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
-        """A local directory holding the blob, its file ``checked`` verified against ``sha256``."""
+        """A local directory holding the blob, its file ``checked`` verified against ``sha256``;
+        ``BlobMissing`` when the store does not hold it."""
+        ...
+
+    async def names(self, family: str) -> list[str]:
+        """The names of the blobs under ``family`` (``weights``, ``state``), whole or partly
+        deleted."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Remove blob ``name`` (and any local copy this store made of it); a no-op when it is
+        gone. A delete cut short leaves a partial blob that ``names`` still lists."""
         ...
 
 
@@ -63,8 +82,17 @@ class DirBlobStore:
 
     async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
         path = Path(urlparse(uri).path)
+        if not (path / checked).is_file():
+            raise BlobMissing(f"{uri} is not in the blob store")
         _verify(path, sha256, checked)
         return path
+
+    async def names(self, family: str) -> list[str]:
+        folder = self.root / family
+        return sorted(f"{family}/{p.name}" for p in folder.iterdir()) if folder.is_dir() else []
+
+    async def delete(self, name: str) -> None:
+        shutil.rmtree(self.root / name, ignore_errors=True)
 
 
 class ObjectBlobStore:
@@ -98,7 +126,10 @@ class ObjectBlobStore:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         listing = io.BytesIO()
-        await store.get(f"{name}/FILES", listing)
+        try:
+            await store.get(f"{name}/FILES", listing)
+        except FileNotFoundError as exc:
+            raise BlobMissing(f"{uri} is not in the blob store") from exc
         for file_name in listing.getvalue().decode().split("\n"):
             with (staging / file_name).open("wb") as handle:
                 await store.get(f"{name}/{file_name}", handle)
@@ -107,6 +138,19 @@ class ObjectBlobStore:
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
         return target
+
+    async def names(self, family: str) -> list[str]:
+        store = await self.buckets.objects(self.bucket)
+        return sorted({"/".join(n.split("/")[:2]) for n in await store.names(f"{family}/")})
+
+    async def delete(self, name: str) -> None:
+        """The listing first, so a reader fails at once on a blob being deleted; then every
+        object under ``name``, listed or not (a put cut short before its listing)."""
+        store = await self.buckets.objects(self.bucket)
+        await store.delete(f"{name}/FILES")
+        for object_name in await store.names(f"{name}/"):
+            await store.delete(object_name)
+        shutil.rmtree(self.cache_dir / name, ignore_errors=True)
 
 
 def _verify(directory: Path, sha256: str, checked: str) -> None:

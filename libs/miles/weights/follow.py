@@ -16,8 +16,20 @@ log = logging.getLogger(__name__)
 
 def make_blob_store(config: MilesConfig, bus: Bus, run_dir: Path) -> BlobStore:
     if config.infra.blob_store == "nats":
-        return ObjectBlobStore(bus, f"miles_{bus.run_id}_blobs", run_dir / "blob-cache")
-    return DirBlobStore(config.infra.blob_dir or run_dir / "blobs")
+        return ObjectBlobStore(bus, blob_bucket(bus.run_id), run_dir / "blob-cache")
+    return DirBlobStore(blob_dir(config, bus.run_id, run_dir))
+
+
+def blob_bucket(run_id: str) -> str:
+    return f"miles_{run_id}_blobs"
+
+
+def blob_dir(config: MilesConfig, run_id: str, run_dir: Path) -> Path:
+    """The run's own directory: ``<run>/blobs``, or a subdirectory of a shared
+    ``infra.blob_dir`` named after the run, so that collecting one run's old steps never
+    touches another's files."""
+    shared = config.infra.blob_dir
+    return shared / run_id if shared else run_dir / "blobs"
 
 
 class WeightsWatcher:

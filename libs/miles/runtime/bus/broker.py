@@ -227,4 +227,12 @@ class MemoryBucket:
         self.objects[name] = source.read()
 
     async def get(self, name: str, into: io.BufferedIOBase) -> None:
+        if name not in self.objects:
+            raise FileNotFoundError(f"no object {name!r}")
         into.write(self.objects[name])
+
+    async def names(self, prefix: str) -> list[str]:
+        return sorted(name for name in self.objects if name.startswith(prefix))
+
+    async def delete(self, name: str) -> None:
+        self.objects.pop(name, None)

@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from typing import TypeVar
 from urllib.parse import urlparse
 
@@ -318,4 +318,18 @@ class NatsBucket:
         await self.store.put(name, source)
 
     async def get(self, name: str, into: io.BufferedIOBase) -> None:
-        await self.store.get(name, writeinto=into)
+        try:
+            await self.store.get(name, writeinto=into)
+        except nats.js.errors.ObjectNotFoundError as exc:
+            raise FileNotFoundError(f"no object {name!r} in the bucket") from exc
+
+    async def names(self, prefix: str) -> list[str]:
+        try:
+            infos = await self.store.list(ignore_deletes=True)
+        except nats.js.errors.NotFoundError:  # an empty bucket
+            return []
+        return sorted(info.name for info in infos if info.name.startswith(prefix))
+
+    async def delete(self, name: str) -> None:
+        with suppress(nats.js.errors.ObjectNotFoundError):
+            await self.store.delete(name)

@@ -98,7 +98,17 @@ class ObjectBucket(Protocol):
 
     async def put(self, name: str, source: io.BufferedIOBase) -> None: ...
 
-    async def get(self, name: str, into: io.BufferedIOBase) -> None: ...
+    async def get(self, name: str, into: io.BufferedIOBase) -> None:
+        """Stream object ``name`` into ``into``; ``FileNotFoundError`` when there is none."""
+        ...
+
+    async def names(self, prefix: str) -> list[str]:
+        """The names of the objects that start with ``prefix``."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Remove object ``name``; a no-op when there is none."""
+        ...
 
 
 class ObjectBuckets(Protocol):
