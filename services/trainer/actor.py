@@ -109,14 +109,15 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
         from miles.trainer.fsdp.group import FsdpRayGroup
 
         # The ranks are actors of their own; trainer.num_cpus and num_gpus are shared out.
+        ranks = trainer.fsdp_ranks or 1  # None: the trainer service's layout chose none
         return FsdpRayGroup(
             str(config.model.path),
             trainer,
             config.algorithm_resolved(),
             config.run.seed,
-            trainer.fsdp_ranks,
-            cpus_per_rank=trainer.num_cpus / trainer.fsdp_ranks,
-            gpus_per_rank=trainer.num_gpus / trainer.fsdp_ranks,
+            ranks,
+            cpus_per_rank=trainer.num_cpus / ranks,
+            gpus_per_rank=trainer.num_gpus / ranks,
             trust_remote_code=config.model.trust_remote_code,
         )
     if trainer.backend == "torch":

@@ -228,6 +228,10 @@ class BufferConfig(_Section):
     )
 
 
+LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "data_parallel", "fsdp_ranks")
+"""The trainer's layout: any of them set away from its default makes the layout explicit."""
+
+
 class TrainerConfig(_Section):
     backend: Literal["torch", "fsdp", "megatron", "simulated"] = Field(
         "torch",
@@ -244,7 +248,28 @@ class TrainerConfig(_Section):
     tensor_parallel: int = Field(1, ge=1, description="Megatron: tensor-parallel size.")
     pipeline_parallel: int = Field(1, ge=1, description="Megatron: pipeline-parallel size.")
     data_parallel: int = Field(1, ge=1, description="Megatron: data-parallel size.")
-    fsdp_ranks: int = Field(2, ge=1, description="fsdp: ranks the model is sharded over.")
+    fsdp_ranks: int | None = Field(
+        None,
+        ge=1,
+        description="fsdp: ranks the model is sharded over; None: one per device the trainer "
+        "has (trainer.devices; the auto layout).",
+    )
+    layout: Literal["auto", "explicit"] | None = Field(
+        None,
+        description="auto: with more than one device, the planner (miles.planner.auto) picks "
+        "Megatron's TP/PP/DP or the FSDP2 size for them at the trainer's start and logs why. "
+        "explicit: the sizes above as given. None: explicit when any size above is set away "
+        "from its default, else auto.",
+    )
+    devices: int | None = Field(
+        None,
+        ge=1,
+        description="Devices the trainer's layout spans (auto layout); None: on cuda "
+        "trainer.num_gpus, else the Ray cluster's GPUs the engines do not hold; on cpu 1.",
+    )
+    device_memory_gib: float = Field(
+        80.0, gt=0, description="Memory of one device, for the auto layout's planner."
+    )
     lr: float = Field(1e-4, ge=0, description="The base learning rate (the schedule's peak).")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant",
@@ -306,6 +331,16 @@ class TrainerConfig(_Section):
         description="Low-rank adapters (torch backend): only they train; engines get the "
         "merged weights. rank 0: off.",
     )
+
+    @property
+    def auto_layout(self) -> bool:
+        """Whether the planner picks the layout (``trainer.layout``). Decided from the values
+        and never stored: a config is dumped and validated again with overrides on top (the
+        recipe's, then --set), and a stored "auto" would outvote a size set later."""
+        if self.layout is not None:
+            return self.layout == "auto"
+        defaults = TrainerConfig.model_fields
+        return all(getattr(self, name) == defaults[name].default for name in LAYOUT_FIELDS)
 
 
 class CoordinatorConfig(_Section):
