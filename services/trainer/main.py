@@ -1,5 +1,6 @@
 """Trainer: batches in, committed steps and new weights out.
 
+lay the trainer out (trainer.layout = "auto": the planner picks the sizes for its devices)
 resume from the latest manifest: its weights, its optimizer state and RNG
 finish a collection of old files that a crash cut short
 loop:
@@ -37,6 +38,7 @@ from miles.telemetry import record
 from miles.weights.follow import make_blob_store
 from services.trainer.actor import TrainerActor
 from services.trainer.collection import collect
+from services.trainer.layout import with_layout
 from services.trainer.position import ResumeState
 from services.trainer.recovery import LOST_WEIGHTS, recover, resume, trainer_resources
 from services.trainer.step import handle
@@ -47,10 +49,11 @@ log = logging.getLogger("miles.trainer")
 async def main(ctx: ServiceContext) -> None:
     config, bus = ctx.config, ctx.bus
     raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
+    laid_out = with_layout(config)  # trainer.layout = "auto": the planner's sizes
     actor: Any = (
         ray.remote(TrainerActor)
-        .options(**trainer_resources(config.trainer))
-        .remote(str(ctx.recipe.path), config.model_dump_json())
+        .options(**trainer_resources(laid_out.trainer))
+        .remote(str(ctx.recipe.path), laid_out.model_dump_json())
     )
     blobs = make_blob_store(config, bus, ctx.run_dir)
     position = await resume(actor, blobs, await ctx.manifests.latest())

@@ -27,10 +27,10 @@ out the restart, loads the latest committed step into the actor and trains the b
 
 
 def trainer_resources(trainer: TrainerConfig) -> dict[str, Any]:
-    """The trainer actor's Ray options: all the resources for torch; for Megatron, whose ranks
-    are their own actors, almost none (the ranks reserve theirs in a placement group), and no
-    restart in place (a new actor would build a second rank group beside the dead one's)."""
-    if trainer.backend == "megatron":
+    """The trainer actor's Ray options: all the resources for torch; for Megatron and FSDP, whose
+    ranks are their own actors, almost none (the ranks reserve theirs in a placement group), and
+    no restart in place (a new actor would build a second rank group beside the dead one's)."""
+    if trainer.backend in ("megatron", "fsdp"):
         return {"num_cpus": 0, "max_restarts": 0}
     return {
         "num_cpus": trainer.num_cpus,

@@ -56,6 +56,24 @@ def test_the_demo_learns_on_the_megatron_backend_too(tmp_path: Path, ray_cluster
     assert learned["accuracy_after"] - learned["accuracy_before"] >= MARGIN, learned
 
 
+@pytest.mark.extended
+def test_the_demo_learns_on_fsdp_ranks_too(tmp_path: Path, ray_cluster: str) -> None:
+    """`trainer.backend = "fsdp"`: the torch step over two FSDP2 rank actors (gloo) in a
+    placement group, each sharding the model and training its half of every batch, learns the
+    same demo; the ranks gather the weights into the blob store after each step."""
+    steps = 8
+    learned = run_demo(
+        tmp_path,
+        ray_cluster,
+        "e2e-fsdp",
+        *("--set", "trainer.backend=fsdp", "--set", "trainer.fsdp_ranks=2"),
+        *("--set", f"run.steps={steps}", "--set", f"coordinator.eval_every={steps}"),
+        *("--set", "data.eval_size=100"),
+    )
+    assert learned["steps"] == steps
+    assert learned["accuracy_after"] - learned["accuracy_before"] >= MARGIN, learned
+
+
 @pytest.mark.parametrize("weight_sync", ["distributed", "tensor"])
 def test_the_trainer_can_push_weights_into_the_engines(
     tmp_path: Path, ray_cluster: str, weight_sync: str

@@ -228,11 +228,17 @@ class BufferConfig(_Section):
     )
 
 
+LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "data_parallel", "fsdp_ranks")
+"""The trainer's layout: any of them set away from its default makes the layout explicit."""
+
+
 class TrainerConfig(_Section):
-    backend: Literal["torch", "megatron", "simulated"] = Field(
+    backend: Literal["torch", "fsdp", "megatron", "simulated"] = Field(
         "torch",
         description="torch: one process, the HF model. megatron: Megatron-core GPTModel ranks "
-        "as Ray actors in a placement group (tensor/pipeline/data parallel). simulated "
+        "as Ray actors in a placement group (tensor/pipeline/data parallel). fsdp: the torch "
+        "backend's step on trainer.fsdp_ranks FSDP2 rank actors (gloo on CPU, NCCL on GPUs). "
+        "simulated "
         "(benchmarks and tests): sleeps trainer.simulated's time per step, tiny weights.",
     )
     simulated: SimulatedTrainerConfig = Field(
@@ -242,6 +248,28 @@ class TrainerConfig(_Section):
     tensor_parallel: int = Field(1, ge=1, description="Megatron: tensor-parallel size.")
     pipeline_parallel: int = Field(1, ge=1, description="Megatron: pipeline-parallel size.")
     data_parallel: int = Field(1, ge=1, description="Megatron: data-parallel size.")
+    fsdp_ranks: int | None = Field(
+        None,
+        ge=1,
+        description="fsdp: ranks the model is sharded over; None: one per device the trainer "
+        "has (trainer.devices; the auto layout).",
+    )
+    layout: Literal["auto", "explicit"] | None = Field(
+        None,
+        description="auto: with more than one device, the planner (miles.planner.auto) picks "
+        "Megatron's TP/PP/DP or the FSDP2 size for them at the trainer's start and logs why. "
+        "explicit: the sizes above as given. None: explicit when any size above is set away "
+        "from its default, else auto.",
+    )
+    devices: int | None = Field(
+        None,
+        ge=1,
+        description="Devices the trainer's layout spans (auto layout); None: on cuda "
+        "trainer.num_gpus, else the Ray cluster's GPUs the engines do not hold; on cpu 1.",
+    )
+    device_memory_gib: float = Field(
+        80.0, gt=0, description="Memory of one device, for the auto layout's planner."
+    )
     lr: float = Field(1e-4, ge=0, description="The base learning rate (the schedule's peak).")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant",
@@ -303,6 +331,16 @@ class TrainerConfig(_Section):
         description="Low-rank adapters (torch backend): only they train; engines get the "
         "merged weights. rank 0: off.",
     )
+
+    @property
+    def auto_layout(self) -> bool:
+        """Whether the planner picks the layout (``trainer.layout``). Decided from the values
+        and never stored: a config is dumped and validated again with overrides on top (the
+        recipe's, then --set), and a stored "auto" would outvote a size set later."""
+        if self.layout is not None:
+            return self.layout == "auto"
+        defaults = TrainerConfig.model_fields
+        return all(getattr(self, name) == defaults[name].default for name in LAYOUT_FIELDS)
 
 
 class CoordinatorConfig(_Section):
@@ -525,6 +563,20 @@ class MilesConfig(_Section):
             raise ValueError(
                 "rollout.engine='simulated' has no server to push weights into: set "
                 "rollout.weight_sync='blob'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_runs_the_policy_gradient(self) -> MilesConfig:
+        if self.trainer.backend == "fsdp" and self.algorithm.name in ("ppo", "dpo"):
+            raise ValueError(
+                f"algorithm.name={self.algorithm.name!r} runs on trainer.backend='torch' only: "
+                "trainer.backend='fsdp' shards the policy alone (no critic, no DPO pairs)"
+            )
+        if self.trainer.backend == "fsdp" and self.rollout.pushes_weights:
+            raise ValueError(
+                f"rollout.weight_sync={self.rollout.weight_sync!r} needs trainer.backend="
+                "'torch': the fsdp ranks gather their weights into a blob; use 'blob'"
             )
         return self
 

@@ -155,8 +155,10 @@ async def test_an_actor_that_lost_its_weights_gets_the_batch_back_then_the_lates
     assert "trainer actor lost its weights (holds step 0's weights)" in caplog.text
 
 
-def test_torch_owns_the_actor_resources_and_megatron_lends_them_to_its_ranks() -> None:
+def test_torch_owns_the_actor_resources_and_megatron_and_fsdp_lend_them_to_their_ranks() -> None:
     torch = TrainerConfig(num_cpus=2, num_gpus=1, max_restarts=5)
     assert trainer_resources(torch) == {"num_cpus": 2, "num_gpus": 1, "max_restarts": 5}
     megatron = TrainerConfig(backend="megatron", num_cpus=2, max_restarts=5)
     assert trainer_resources(megatron) == {"num_cpus": 0, "max_restarts": 0}
+    fsdp = TrainerConfig(backend="fsdp", num_cpus=2, max_restarts=5)
+    assert trainer_resources(fsdp) == {"num_cpus": 0, "max_restarts": 0}
