@@ -136,6 +136,10 @@ class Batch(Event, tag="batch"):
     """W3C ``traceparent`` of each group's trace (in ``task_ids`` order, where tracing was on):
     a batch gathers many traces, so the trainer's step links to them instead of joining one.
     Optional, so batches from before it existed still decode."""
+    samples_uri: str = ""
+    """Where the samples are when the batch is too large for an event
+    (``buffer.inline_batch_bytes``): ``samples`` is then empty (``miles.weights.batches``)."""
+    samples_sha256: str = ""
 
 
 class GroupFiltered(Event, tag="filtered"):

@@ -7,7 +7,8 @@ loop:
     drop what cannot be trained (failed, stale, zero variance): record why, tell the coordinator;
         a group from a broken producer (non-finite reward, future version) is dead-lettered too
     hold the rest unacked (JetStream redelivers them to a restarted buffer)
-    every B held groups, oldest first: record the batch's groups in Redis, publish the batch,
+    every B held groups, oldest first: record the batch's groups in Redis, publish the batch
+        (its samples through the blob store when it is larger than buffer.inline_batch_bytes),
         mark it published, then ack its groups
 
 The decisions are ``core.BufferCore``'s; this loop carries out its actions in order.
@@ -25,6 +26,9 @@ from miles.runtime.bus import Message, Oversized
 from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import BUFFER_CONSUMER
 from miles.telemetry import record
+from miles.weights import batches
+from miles.weights.blobs import BlobStore
+from miles.weights.follow import make_blob_store
 from services.buffer.core import Ack, Action, BufferCore, Drop, Held, Publish
 
 log = logging.getLogger("miles.buffer")
@@ -32,6 +36,7 @@ log = logging.getLogger("miles.buffer")
 
 async def main(ctx: ServiceContext) -> None:
     bus, store, size = ctx.bus, ctx.store, ctx.config.buffer.groups_per_batch
+    blobs = make_blob_store(ctx.config, bus, ctx.run_dir)  # for batches too large for an event
     scored = await bus.pull("scored", BUFFER_CONSUMER)
     core: BufferCore[Message] = BufferCore(ctx.config.buffer, bus.ack_wait / 3, time.monotonic())
     record.expect(ctx.metrics.groups_filtered, "reason", (*FILTER_REASONS, "oversized"))
@@ -47,7 +52,7 @@ async def main(ctx: ServiceContext) -> None:
             ctx.metrics.groups_received.inc(len(arrived))
             decided = core.step([Held(group, msg) for group, msg in arrived], plans, version)
             for action in decided.actions:
-                await carry_out(ctx, action)
+                await carry_out(ctx, blobs, action)
             if decided.holding:
                 faults.crash_point("buffer.holding")
             ctx.metrics.buffer_depth.set(core.depth)
@@ -55,11 +60,11 @@ async def main(ctx: ServiceContext) -> None:
                 await msg.in_progress()
 
 
-async def carry_out(ctx: ServiceContext, action: Action[Message]) -> None:
+async def carry_out(ctx: ServiceContext, blobs: BlobStore, action: Action[Message]) -> None:
     """A batch has a trace of its own; anything else about one group happens in the span of
     the message that brought it, the end of the group's journey (held, acked or dropped)."""
     if isinstance(action, Publish):
-        await publish(ctx, action)
+        await publish(ctx, blobs, action)
         return
     with ctx.bus.process(action.held.handle):
         if isinstance(action, Ack):
@@ -68,17 +73,17 @@ async def carry_out(ctx: ServiceContext, action: Action[Message]) -> None:
             await drop(ctx, action)
 
 
-async def publish(ctx: ServiceContext, action: Publish[Message]) -> None:
+async def publish(ctx: ServiceContext, blobs: BlobStore, action: Publish[Message]) -> None:
     if action.replay:
         log.info("publishing batch %s again after a restart", action.replay)
     try:
-        await publish_batch(ctx, action.groups)
+        await publish_batch(ctx, blobs, action.groups)
     except Oversized:  # dead-lettered: its groups cannot be trained this way
         for dropped in action.oversized():
             await drop(ctx, dropped)
 
 
-async def publish_batch(ctx: ServiceContext, held: list[Held[Message]]) -> None:
+async def publish_batch(ctx: ServiceContext, blobs: BlobStore, held: list[Held[Message]]) -> None:
     """Plan, publish, mark published, ack: a crash anywhere in between replays the same batch.
 
     The batch starts a trace of its own, linked to its groups' traces, and carries their
@@ -95,6 +100,8 @@ async def publish_batch(ctx: ServiceContext, held: list[Held[Message]]) -> None:
     links = telemetry.links_from(traceparents=batch.traceparents)
     with telemetry.root_span("batch", {"miles.batch_id": batch.batch_id}, links):
         await ctx.store.plan_batch(batch.batch_id, batch.task_ids)
+        if batches.inline_size(batch) > ctx.config.buffer.inline_batch_bytes:
+            batch = await batches.by_reference(batch, blobs)
         await ctx.bus.publish(ctx.subjects.batches, batch, msg_id=batch.batch_id)
         await ctx.store.mark_published(batch.batch_id, batch.task_ids)
     faults.crash_point("buffer.published")
@@ -102,7 +109,8 @@ async def publish_batch(ctx: ServiceContext, held: list[Held[Message]]) -> None:
         await h.handle.ack()
     ctx.clock.processed += 1
     ctx.metrics.batches_published.inc()
-    log.info("batch %s: %d groups, %d samples", batch.batch_id, len(held), len(batch.samples))
+    where = " (by reference)" if batch.samples_uri else ""
+    log.info("batch %s: %d groups%s", batch.batch_id, len(held), where)
 
 
 async def drop(ctx: ServiceContext, action: Drop[Message]) -> None:

@@ -18,6 +18,7 @@ import logging
 from miles.runtime import faults
 from miles.runtime.run_record import ManifestsPort
 from miles.runtime.service import ServiceContext
+from miles.weights import batches
 from miles.weights.blobs import BlobStore
 from services.trainer.retention import (
     FAMILIES,
@@ -79,3 +80,16 @@ async def named_files(
         if step in state_steps and manifest.state_uri:
             named.add(leaf_of(manifest.state_uri))
     return named
+
+
+async def collect_batches(manifests: ManifestsPort, blobs: BlobStore) -> list[str]:
+    """Delete the blobs of large batches a committed step trained (the trainer deletes each
+    after its ack; a crash in between leaves it); returns their names."""
+    gone = []
+    for name in await blobs.names(batches.FAMILY):
+        if await manifests.trained(batches.batch_id_of(name)):
+            await blobs.delete(name)
+            gone.append(name)
+    if gone:
+        log.info("collected %d trained batch blob(s)", len(gone))
+    return gone

@@ -37,7 +37,7 @@ from miles.runtime.subjects import TRAINER_CONSUMER
 from miles.telemetry import record
 from miles.weights.follow import make_blob_store
 from services.trainer.actor import TrainerActor
-from services.trainer.collection import collect
+from services.trainer.collection import collect, collect_batches
 from services.trainer.layout import with_layout
 from services.trainer.position import ResumeState
 from services.trainer.recovery import LOST_WEIGHTS, recover, resume, trainer_resources
@@ -58,6 +58,7 @@ async def main(ctx: ServiceContext) -> None:
     blobs = make_blob_store(config, bus, ctx.run_dir)
     position = await resume(actor, blobs, await ctx.manifests.latest())
     await collect(ctx, blobs)  # what a collection cut short by a crash left
+    await collect_batches(ctx.manifests, blobs)  # trained large batches a crash left
     batches = await bus.pull("batches", TRAINER_CONSUMER)
     log.info("trainer %s ready at step %d", ctx.instance, position.step)
 

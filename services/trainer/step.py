@@ -20,6 +20,7 @@ from miles.runtime.checkpoint import Manifest
 from miles.runtime.service import ServiceContext
 from miles.telemetry import record
 from miles.trainer import StepMetrics
+from miles.weights import batches
 from miles.weights.blobs import BlobStore
 from services.trainer.checkpointing import (
     announce,
@@ -48,9 +49,10 @@ async def handle(
     earlier step did (then its step is re-announced and the batch acked, not trained again)."""
     with ctx.bus.process(msg):
         if await ctx.manifests.trained(batch.batch_id):
-            await reannounce(ctx, batch, msg)
+            await reannounce(ctx, blobs, batch, msg)
             return None
         seconds = {"wait_for_batch": time.monotonic() - wait_start}
+        batch = await batches.resolved(batch, blobs)  # a large batch's samples
         return await train(ctx, actor, blobs, batch, msg, position, seconds)
 
 
@@ -93,15 +95,22 @@ async def train(
             await push_weights(ctx, actor, plan.step, msg)
         await announce(ctx, manifest)
         await msg.ack()
+        if batch.samples_uri:  # trained and committed: no one reads it again
+            await blobs.delete(batches.blob_name(batch.batch_id))
         ctx.clock.processed += 1
         ctx.metrics.commit_step(plan.step, plan.step, time.monotonic() - started)
     return manifest
 
 
-async def reannounce(ctx: ServiceContext, batch: events.Batch, msg: Message) -> None:
-    """A redelivered batch the ledger says was trained: announce its step again and ack."""
+async def reannounce(
+    ctx: ServiceContext, blobs: BlobStore, batch: events.Batch, msg: Message
+) -> None:
+    """A redelivered batch the ledger says was trained: announce its step again and ack (and
+    delete its samples' blob, which a crash before the delete left)."""
     done = await ctx.manifests.step_of(batch.batch_id)
     log.info("batch %s was trained in step %s; re-announcing", batch.batch_id, done and done.step)
     if done is not None:
         await announce(ctx, done)
     await msg.ack()
+    if batch.samples_uri:
+        await blobs.delete(batches.blob_name(batch.batch_id))

@@ -78,6 +78,30 @@ def test_service_killed_at(chaos: Chaos, baseline: list[str], point: str, servic
     assert weights == baseline, "a fault changed what was trained"
 
 
+@pytest.mark.extended
+@pytest.mark.parametrize(
+    ("point", "service"),
+    [
+        pytest.param("buffer.published@2", "buffer", id="buffer-published-not-acked"),
+        pytest.param("trainer.committed@2", "trainer", id="trainer-committed-not-acked"),
+    ],
+)
+def test_batches_by_reference_survive_kills(
+    chaos: Chaos, baseline: list[str], point: str, service: str
+) -> None:
+    """buffer.inline_batch_bytes = 0: every batch's samples go through the blob store. A buffer
+    killed after publishing one publishes it again (finding the blob written); a trainer killed
+    after committing one re-announces it. Exactly once, the same weights, and no batch blob
+    left behind."""
+    run_id = "by-reference-" + point.split("@")[0].replace(".", "-")
+    finished = chaos.run(run_id, crash_at=point, settings=["buffer.inline_batch_bytes=0"])
+    assert chaos.marker(run_id).exists(), f"{point} was never reached: nothing was tested"
+    assert finished.summary["restarts"][service] >= 1
+    assert "(by reference)" in finished.log("buffer")
+    assert check(chaos, finished) == baseline, "a fault changed what was trained"
+    assert not list((finished.run_dir / "blobs" / "batches").iterdir())
+
+
 SEVERAL_UPDATES = ["algorithm.ppo_epochs=2", "algorithm.mini_batches=2"]
 
 

@@ -35,7 +35,8 @@ from miles.runtime.subjects import (
     ROLLOUT_CONSUMER,
     TRAINER_CONSUMER,
 )
-from miles.weights.blobs import WEIGHTS_FILE, sha256_file
+from miles.weights import batches
+from miles.weights.blobs import WEIGHTS_FILE, DirBlobStore, sha256_file
 from services.buffer.main import main as buffer_main
 from services.coordinator.main import main as coordinator_main
 from services.reward.main import main as reward_main
@@ -329,6 +330,25 @@ async def test_buffer_batches_groups_and_acks_after_publishing(harness: Harness)
         [1, -1, 2 / root2, -1 / root2, -1 / root2], rel=1e-5
     )
     assert [s.sample_id for s in batch.samples] == ["a/0", "a/1", "b/0", "b/1", "b/2"]
+
+
+async def test_a_batch_over_the_inline_size_goes_through_the_blob_store(
+    nats_server: embedded.Server, redis_server: embedded.Server, tmp_path: Path
+) -> None:
+    config = _config(
+        nats_server, redis_server, "buffer.groups_per_batch=2", "buffer.inline_batch_bytes=0"
+    )
+    h = await Harness.open(config, _recipe(tmp_path), tmp_path)
+    try:
+        h.start("buffer", buffer_main)
+        await h.publish(h.subjects.scored, _scored(h, "a", [1, 0]))
+        await h.publish(h.subjects.scored, _scored(h, "b", [3, 0, 0]))
+        [batch] = await h.collect(await h.bus.pull("batches", TRAINER_CONSUMER), events.Batch, 1)
+        assert batch.samples == [] and batch.samples_uri.startswith("file://")
+        full = await batches.resolved(batch, DirBlobStore(tmp_path / "blobs"))
+        assert [s.sample_id for s in full.samples] == ["a/0", "a/1", "b/0", "b/1", "b/2"]
+    finally:
+        await h.close()
 
 
 async def test_buffer_filters_zero_variance_and_rejects_bad_groups(harness: Harness) -> None:

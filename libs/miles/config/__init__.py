@@ -226,6 +226,12 @@ class BufferConfig(_Section):
         "nothing but let the step go on), so a model that is right on almost every prompt does "
         "not stall the loop. None: keep dropping.",
     )
+    inline_batch_bytes: int = Field(
+        1 << 20,
+        ge=0,
+        description="A batch whose event would be larger goes through the blob store (the "
+        "event carries its uri and sha256, as weights events do). 0: every batch.",
+    )
 
 
 LAYOUT_FIELDS = ("tensor_parallel", "pipeline_parallel", "data_parallel", "fsdp_ranks")

@@ -52,6 +52,10 @@ class BlobStore(Protocol):
         ``BlobMissing`` when the store does not hold it."""
         ...
 
+    def uri(self, name: str) -> str:
+        """The URI ``put_dir(..., name)`` returns (whether or not it was written)."""
+        ...
+
     async def names(self, family: str) -> list[str]:
         """The names of the blobs under ``family`` (``weights``, ``state``), whole or partly
         deleted."""
@@ -78,7 +82,10 @@ class DirBlobStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)  # readers see the whole directory or none of it
-        return final.as_uri()
+        return self.uri(name)
+
+    def uri(self, name: str) -> str:
+        return (self.root / name).as_uri()
 
     async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
         path = Path(urlparse(uri).path)
@@ -113,6 +120,9 @@ class ObjectBlobStore:
         listing = "\n".join(path.name for path in files).encode()
         await store.put(f"{name}/FILES", io.BytesIO(listing))
         shutil.rmtree(local_dir)
+        return self.uri(name)
+
+    def uri(self, name: str) -> str:
         return f"nats-os://{self.bucket}/{name}"
 
     async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
