@@ -172,9 +172,11 @@ class StepCommitted(Event, tag="step"):
 
 
 class Control(Event, tag="control"):
-    """An operator or coordinator command to every service of the run."""
+    """An operator or coordinator command to every service of the run: ``stop`` now; ``pause``
+    and ``resume`` the coordinator's dispatching; ``drain``: dispatch only what completes the
+    steps in flight, then stop at that committed step (resumable)."""
 
-    command: Literal["stop", "pause", "resume"]
+    command: Literal["stop", "pause", "resume", "drain"]
     reason: str = ""
 
 

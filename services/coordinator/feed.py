@@ -4,6 +4,8 @@ after each one (the I/O around ``pacing.py``)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from miles import telemetry
 from miles.config import MilesConfig
 from miles.runtime import faults
@@ -29,6 +31,10 @@ class Feed:
         self.source = source
         self.cursor = cursor
         self.progress = Progress()
+        self.paused = False
+        """An operator's `miles pause`: nothing is dispatched (a drain still completes)."""
+        self.drain_step = 0
+        """An operator's `miles drain`: the step the run stops at; 0: none."""
 
     @classmethod
     async def resume(
@@ -49,6 +55,10 @@ class Feed:
     def step(self) -> int:
         return self.progress.step
 
+    @property
+    def drained(self) -> bool:
+        return bool(self.drain_step) and self.step >= self.drain_step
+
     async def refresh(self) -> None:
         """Read the counters others own: steps committed by the trainer, groups the buffer
         dropped. Both are idempotent records in Redis, so a redelivered event counts once."""
@@ -58,6 +68,7 @@ class Feed:
             trained_groups=run.trained_groups,
             filtered_groups=await self.store.filtered_groups(),
         )
+        self.paused, self.drain_step = bool(run.paused), run.drain_step
         self.metrics.step.set(self.progress.step)
         self.metrics.policy_version.set(self.progress.step)
 
@@ -67,8 +78,13 @@ class Feed:
         The task id is the cursor, and the publish is deduplicated by it: a coordinator that
         dies between publishing and recording the cursor publishes the same task again, and
         JetStream keeps one copy.
+
+        Paused, nothing; draining, only what completes the steps up to ``drain_step``.
         """
-        for cursor in self.pacing.due(self.progress, self.cursor, evaluating):
+        if self.paused and not self.drain_step:
+            return
+        pacing = replace(self.pacing, steps=self.drain_step) if self.drain_step else self.pacing
+        for cursor in pacing.due(self.progress, self.cursor, evaluating):
             out = self.source.at(cursor, self.step)
             with telemetry.root_span("dispatch", {"miles.task_id": out.task_id}):
                 await self.bus.publish(out.subject, out.event, msg_id=out.msg_id)

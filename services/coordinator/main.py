@@ -3,12 +3,13 @@
 create the streams, consumers and the run record (idempotent: a restart resumes)
 evaluate the initial policy
 watch heartbeats: who is alive, who went silent
-loop until N steps are committed and every evaluation is in:
+follow an operator's commands (pause, resume, drain: services/coordinator/operator.py)
+loop until N steps are committed and every evaluation is in, or a drain's step is:
     read the counters in Redis (committed steps, filtered groups) and dispatch training tasks
-        while the staleness gate and the in-flight bound allow
+        while the staleness gate and the in-flight bound allow (not while paused)
     read the ledger: committed steps and filtered groups wake us, evaluation results arrive
     every K steps (and after the last), evaluate greedy accuracy on held-out prompts
-mark the run finished and tell every service to stop
+mark the run finished (or drained) and tell every service to stop
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import COORDINATOR_CONSUMER
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
+from services.coordinator.operator import follow_commands
 from services.coordinator.sources import train_source
 from services.coordinator.watch import Watch
 
@@ -35,12 +37,15 @@ async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
     created = await store.create_run(config.hash(), config.model_dump_json())
+    if not created and await store.status() == "drained":  # resumed after `miles drain`
+        await store.update(status="running", drain_step=0, paused=0)
     # The prompts need it for chat templates and data.max_prompt_tokens, DPO's pairs always.
     tokenizer = load_tokenizer(config.model) if config.model.path is not None else None
     train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id, tokenizer)
     held_out = load_prompts(config, ctx.recipe, "eval", tokenizer).prompts
     feed = await Feed.resume(bus, store, ctx.metrics, config, train)
     log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", feed.step)
+    await follow_commands(bus, store, feed)  # miles pause / resume / drain
     watch = Watch(bus, store, ctx.metrics, config.coordinator.heartbeat_seconds)
     await watch.start()
     inbox = await bus.pull("ledger", COORDINATOR_CONSUMER)
@@ -61,9 +66,13 @@ async def main(ctx: ServiceContext) -> None:
             await feed.refresh()
             if feed.step >= last_step and evaluator.complete:
                 break
+            if feed.drained and feed.step < last_step:  # a drain to the last step finishes
+                break
 
     if feed.step >= last_step:
         await finish(bus, store, feed.step, last_step)
+    elif feed.drained:
+        await drained(bus, store, feed.step)
 
 
 async def read_ledger(
@@ -79,6 +88,16 @@ async def read_ledger(
             elif isinstance(event, events.ScoredGroup):
                 await evaluator.on_result(event)
             await msg.ack()
+
+
+async def drained(bus: Bus, store: RunStorePort, step: int) -> None:
+    """Stop the run at a consistent manifest: everything dispatched is trained up to ``step``."""
+    await store.update(status="drained")
+    stop = events.Control(
+        run_id=bus.run_id, policy_version=step, command="stop", reason=f"drained at step {step}"
+    )
+    await bus.broadcast(bus.subjects.control("stop"), stop)
+    log.info("run %s drained at step %d; `miles run --resume` continues it", bus.run_id, step)
 
 
 async def finish(bus: Bus, store: RunStorePort, step: int, last_step: int) -> None:

@@ -61,6 +61,12 @@ class Pacing:
         done = progress.trained_groups + progress.filtered_groups
         return min(gate, done + self.max_groups_in_flight)
 
+    def drain_step(self, progress: Progress, cursor: int) -> int:
+        """The step at which every group dispatched so far is trained: what a drain finishes
+        before it stops the run (dispatching only the replacements of groups filtered)."""
+        dispatched = cursor - progress.filtered_groups
+        return min(self.steps, max(progress.step, -(-dispatched // self.groups_per_batch)))
+
     def due(self, progress: Progress, cursor: int, evaluating: int | None = None) -> range:
         """The cursors to dispatch now, from ``cursor`` on (empty when it is past the bounds)."""
         return range(cursor, max(cursor, self.allowed(progress, evaluating)))

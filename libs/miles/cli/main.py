@@ -10,7 +10,7 @@ import sys
 
 from pydantic import ValidationError
 
-from miles.cli import export, plan, report, run, serve, status, track
+from miles.cli import control, export, plan, report, run, serve, status, track
 from miles.recipe import RecipeError
 from miles.runtime.bus import Unreachable
 
@@ -22,6 +22,9 @@ COMMANDS = {
     "plan": plan,
     "track": track,
     "export": export,
+    "pause": control,
+    "resume": control,
+    "drain": control,
 }
 
 
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unset, `miles run` starts embedded ones.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in COMMANDS.values():
+    for command in dict.fromkeys(COMMANDS.values()):  # control adds three commands
         command.add_parser(sub)
     return parser
 

@@ -47,6 +47,10 @@ from miles.runtime.service import SERVICES
 from miles.runtime.store import RunKeys
 from miles.runtime.subjects import check_run_id
 
+DRAINED = 3
+"""`miles run`'s exit code for a run an operator drained (`miles drain`): stopped on purpose at a
+committed step, to be continued with ``--resume``."""
+
 
 @dataclass
 class Child:
@@ -194,9 +198,12 @@ def run(args: argparse.Namespace) -> int:
             started_ray = True
         assert config.infra.redis_url is not None
         client = redis.Redis.from_url(config.infra.redis_url, decode_responses=True)
-        if args.resume and RunView.read(client, run_id).record.status == "finished":
+        status = RunView.read(client, run_id).record.status if args.resume else None
+        if status == "finished":
             print(f"miles: run {run_id} finished already; nothing to resume", flush=True)
             return 0
+        if status == "drained":  # before any service reads it as "stop" (its coordinator too)
+            client.hset(RunKeys(run_id).record, mapping={"status": "running", "drain_step": 0})
         config_path = run_dir / "config.json"
         config_path.write_text(config.model_dump_json(indent=2))
         print(
@@ -259,6 +266,13 @@ def run(args: argparse.Namespace) -> int:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             loading = export.loading_hint(exported)
         LiveView.final(summary, run_dir, loading)
+        if view.record.status == "drained":
+            print(
+                f"miles: run {run_id} drained at step {view.step} (`miles drain`); continue "
+                f"with `miles run --resume {run_id}`",
+                flush=True,
+            )
+            return DRAINED
         return 0 if finished else 1
     except KeyboardInterrupt as stop:
         name = str(stop) or "SIGINT"

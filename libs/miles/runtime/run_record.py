@@ -29,7 +29,8 @@ class RunRecord(msgspec.Struct, kw_only=True, frozen=True):
     run_id: str = ""
     config_hash: str = ""
     status: str = ""
-    """``running`` from `create_run`, ``finished`` once the coordinator saw the last step."""
+    """``running`` from `create_run`, ``finished`` once the coordinator saw the last step,
+    ``drained`` once it stopped the run at ``drain_step`` (`miles drain`; resumable)."""
     started: float | None = None
     finished: float | None = None
     step: int = 0
@@ -45,6 +46,10 @@ class RunRecord(msgspec.Struct, kw_only=True, frozen=True):
     accuracy: float | None = None
     """Of the last recorded evaluation, after step ``eval_step``."""
     eval_step: int | None = None
+    paused: int = 0
+    """1 while an operator paused dispatching (`miles pause`; `miles resume` clears it)."""
+    drain_step: int = 0
+    """The step a drain (`miles drain`) ends the run at, once committed; 0: no drain."""
 
     @classmethod
     def decode(cls, fields: Mapping[str, Scalar]) -> RunRecord:

@@ -145,7 +145,7 @@ class ServiceContext:
             )
             await self.store.heartbeat(beat)  # `miles status` works even without a coordinator
             status = await self.store.status()
-            if status in ("finished", "failed"):
+            if status in ("finished", "failed", "drained"):
                 log.info("run %s is %s; %s stops", self.run_id, status, self.service)
                 self.stopping.set()
             with contextlib.suppress(asyncio.TimeoutError):

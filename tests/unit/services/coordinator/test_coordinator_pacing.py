@@ -100,3 +100,13 @@ def test_the_evaluation_barrier_holds_the_next_step_until_the_round_is_in() -> N
 def test_the_barrier_is_on_for_offline_dpo_only() -> None:
     assert Pacing.from_config(load_config(overrides=["algorithm.name=dpo"])).eval_barrier
     assert not Pacing.from_config(load_config()).eval_barrier
+
+
+def test_a_drain_ends_at_the_step_that_trains_everything_dispatched() -> None:
+    ahead = pacing(steps=10, groups_per_batch=2, max_staleness=2)
+    assert ahead.drain_step(Progress(step=1, trained_groups=2), cursor=8) == 4
+    assert ahead.drain_step(Progress(step=1, trained_groups=2), cursor=7) == 4  # half a batch
+    # filtered groups are replaced, not trained: they count toward no step
+    assert ahead.drain_step(Progress(step=1, trained_groups=2, filtered_groups=3), cursor=8) == 3
+    assert ahead.drain_step(Progress(step=3, trained_groups=6), cursor=6) == 3  # nothing out
+    assert pacing(steps=3).drain_step(Progress(step=2, trained_groups=4), cursor=12) == 3

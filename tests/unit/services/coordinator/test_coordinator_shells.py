@@ -13,6 +13,7 @@ from miles.runtime.subjects import ROLLOUT_CONSUMER
 from miles.telemetry import Metrics
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
+from services.coordinator.operator import obey
 from services.coordinator.sources import Prompts, Source
 
 PROMPTS = [Prompt(f"{i}+1=", str(i + 1)) for i in range(6)]
@@ -112,3 +113,48 @@ async def test_a_round_missing_results_is_written_partial_after_the_timeout() ->
     restarted = await Evaluator.resume(bus, store, config(), PROMPTS[:2], "host-2")
     await restarted.begin(0)  # recorded: not run again
     assert await published(bus) == []
+
+
+# --- an operator's commands (services/coordinator/operator.py) ------------------------------
+
+
+def command(name: str) -> events.Control:
+    return events.Control(run_id="run", policy_version=0, command=name)  # type: ignore[arg-type]
+
+
+async def test_paused_nothing_is_dispatched_until_resumed() -> None:
+    bus, store = await twins()
+    feed = await Feed.resume(bus, store, Metrics("coordinator", "run"), config(), tasks(bus))
+    await obey(store, feed, command("pause"))
+    assert (await store.record()).paused == 1 and feed.paused
+    await feed.dispatch()
+    assert await published(bus) == []
+
+    await obey(store, feed, command("resume"))
+    await feed.dispatch()
+    assert [t.task_id for t in await published(bus)] == ["t0", "t1"]
+
+
+async def test_a_drain_completes_the_steps_in_flight_and_no_more() -> None:
+    """k = 1: steps 1 and 2 are in flight (4 groups) when the drain comes; a filtered group is
+    replaced, nothing of step 3 is dispatched, and the run is drained once step 2 commits."""
+    bus, store = await twins()
+    metrics = Metrics("coordinator", "run")
+    feed = await Feed.resume(bus, store, metrics, config("buffer.max_staleness=1"), tasks(bus))
+    await feed.dispatch()
+    assert len(await published(bus)) == 4
+    await obey(store, feed, command("drain"))
+    assert (await store.record()).drain_step == 2
+
+    await store.update(step=1, policy_version=1, trained_groups=2)
+    await store.record_filtered("t2", "zero_variance")
+    await feed.refresh()
+    await feed.dispatch()  # without the drain, step 3's two groups would go too
+    assert [t.task_id for t in await published(bus)] == ["t4"]
+    assert not feed.drained
+    await store.update(step=2, policy_version=2, trained_groups=4)
+    await feed.refresh()
+    assert feed.drained
+
+    await obey(store, feed, command("resume"))  # cancels the drain
+    assert not feed.drained and (await store.record()).drain_step == 0
