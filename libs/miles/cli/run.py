@@ -35,7 +35,9 @@ import redis
 from miles import models
 from miles.cli import preflight, report, track
 from miles.cli.common import config_args, resolve_config, run_id_arg
+from miles.cli.ending import ending_line, resume_command
 from miles.cli.live import LiveView
+from miles.cli.outage import UNREACHABLE, Outage, RedisOutage, launcher_client
 from miles.config import MilesConfig
 from miles.recipe import Recipe, load_recipe
 from miles.runtime import embedded, raycluster
@@ -166,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     # embedded servers running with no one to stop them.
     signal.signal(signal.SIGTERM, _stop)
     recipe, config, run_id, run_dir, plan = prepare(args)
+    resume = resume_command(args, run_id, run_dir)
     try:
         checked = preflight.check(config, recipe)
     except preflight.PreflightFailed as failed:
@@ -190,8 +193,13 @@ def run(args: argparse.Namespace) -> int:
             config.infra.ray_address = raycluster.start_local(run_dir)
             started_ray = True
         assert config.infra.redis_url is not None
-        client = redis.Redis.from_url(config.infra.redis_url, decode_responses=True)
-        if args.resume and RunView.read(client, run_id).record.status == "finished":
+        client = launcher_client(config.infra.redis_url, config.infra.connect_timeout_seconds)
+        outage = Outage(config.infra.outage_tolerance_seconds)
+
+        def read_view() -> RunView:
+            return outage.read(lambda: RunView.read(client, run_id), log=launcher_log)
+
+        if args.resume and read_view().record.status == "finished":
             print(f"miles: run {run_id} finished already; nothing to resume", flush=True)
             return 0
         config_path = run_dir / "config.json"
@@ -236,11 +244,12 @@ def run(args: argparse.Namespace) -> int:
             client,
             run_id,
             config.run.steps,
+            outage,
             run_dir / "timeline.jsonl",
             following=following,
         )
         finished = supervisor.run(quiet=args.quiet)
-        view = RunView.read(client, run_id)
+        view = read_view()
         if following is not None:
             following.update(view)
         summary = view.summary() | {
@@ -251,9 +260,12 @@ def run(args: argparse.Namespace) -> int:
         report.save_run(run_dir, view)
         LiveView.final(summary, run_dir)
         return 0 if finished else 1
+    except RedisOutage as lost:
+        print(ending_line(str(lost), resume), flush=True)
+        return 1
     except KeyboardInterrupt as stop:
         name = str(stop) or "SIGINT"
-        print(f"\nmiles: stopped ({name}); continue with `miles run --resume {run_id}`", flush=True)
+        print("\n" + ending_line(f"{name} received", resume), flush=True)
         return 128 + getattr(stop, "signum", signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut cleanup short
@@ -279,6 +291,8 @@ class Supervisor:
     client: redis.Redis
     run_id: str
     steps: int
+    outage: Outage
+    """How long Redis has been away: the supervisor rides out up to its tolerance."""
     timeline: Path | None = None
     peak_processes: int = 0
     server_restarts: dict[str, int] = field(default_factory=dict)
@@ -298,8 +312,8 @@ class Supervisor:
         with LiveView(self.run_id, self.steps, quiet=quiet) as live:
             for tick in itertools.count():
                 self.revive_servers(live)
-                with contextlib.suppress(redis.exceptions.ConnectionError):
-                    view = RunView.read(self.client, self.run_id)
+                view = self.outage.attempt(self.read_view, live.log)
+                if view is not None:
                     self.latest_step = view.step
                     self.first_step = view.step if self.first_step is None else self.first_step
                     live.update(view)
@@ -316,13 +330,18 @@ class Supervisor:
                         continue  # running, or stopped on purpose (the run finished)
                     if child is coordinator and code == 0:
                         wait_for_exit(self.children[1:], timeout=30)
-                        view = RunView.read(self.client, self.run_id)
+                        view = self.outage.read(
+                            self.read_view, live.log, between=lambda: self.revive_servers(live)
+                        )
                         live.update(view)
                         return view.record.status == "finished"
                     if not self.restart(child, code, live):
                         return False
                 time.sleep(0.5)
         raise AssertionError("unreachable")
+
+    def read_view(self) -> RunView:
+        return RunView.read(self.client, self.run_id)
 
     @property
     def starting(self) -> bool:
@@ -369,9 +388,15 @@ class Supervisor:
                 self.count_restart(server.name)
 
     def count_restart(self, name: str) -> None:
-        """Into the run record, where the coordinator exports it (``miles_restarts_total``)."""
-        with contextlib.suppress(redis.exceptions.ConnectionError):
+        """Into the run record, where the coordinator exports it (``miles_restarts_total``);
+        not counted while Redis is away (the supervisor's reads say so)."""
+        with contextlib.suppress(*UNREACHABLE):
             self.client.hincrby(RunKeys(self.run_id).restarts, name, 1)
+
+
+def launcher_log(message: str) -> None:
+    """A line from the launcher before (or after) the live view."""
+    print(f"miles: {message}", flush=True)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
