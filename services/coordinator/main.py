@@ -22,13 +22,25 @@ from miles.models import load_tokenizer
 from miles.runtime.bus import Bus, Message
 from miles.runtime.run_record import RunStorePort
 from miles.runtime.service import ServiceContext
-from miles.runtime.subjects import COORDINATOR_CONSUMER
+from miles.runtime.subjects import COORDINATOR_CONSUMER, Subjects
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
 from services.coordinator.sources import train_source
 from services.coordinator.watch import Watch
 
 log = logging.getLogger("miles.coordinator")
+
+LEDGER = (events.StepCommitted, events.GroupFiltered, events.ScoredGroup)
+"""What the inbox takes, one type per subject of the ledger stream (``ledger_types``): anything
+else there (a heartbeat sent to ``.steps``) is dead-lettered, not acked silently."""
+
+
+def ledger_types(subjects: Subjects) -> dict[str, type[events.Event]]:
+    return {
+        subjects.steps: events.StepCommitted,
+        subjects.filtered: events.GroupFiltered,
+        subjects.eval_scored: events.ScoredGroup,
+    }
 
 
 async def main(ctx: ServiceContext) -> None:
@@ -54,7 +66,7 @@ async def main(ctx: ServiceContext) -> None:
             # on the counters refreshed at the end of the last round
             await feed.dispatch(evaluator.pending(feed.step))
         with ctx.waiting():
-            arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
+            arrived = await bus.fetch(inbox, LEDGER, 64, 0.5)
         with ctx.busy():
             await read_ledger(bus, store, evaluator, arrived)
             await evaluator.write_overdue()
@@ -70,10 +82,15 @@ async def read_ledger(
     bus: Bus, store: RunStorePort, evaluator: Evaluator, arrived: list[tuple[events.Event, Message]]
 ) -> None:
     """Each notice acked once the run record (or, for eval results, the round) holds it;
-    filtered groups only wake the loop: the buffer recorded them already."""
+    filtered groups only wake the loop: the buffer recorded them already. A notice of another
+    subject's type (an eval result sent to ``.steps``) is dead-lettered."""
+    expected = ledger_types(bus.subjects)
     for event, msg in arrived:
         with bus.process(msg):
-            if isinstance(event, events.StepCommitted):
+            if not isinstance(event, expected[msg.subject]):
+                detail = f"expected {expected[msg.subject].__name__} on {msg.subject}, got "
+                await bus.dead_letter(msg.subject, msg.data, "type", detail + type(event).__name__)
+            elif isinstance(event, events.StepCommitted):
                 await store.update(reward_mean=event.reward_mean, loss=event.loss)
                 await evaluator.after_step(event.step)
             elif isinstance(event, events.ScoredGroup):
