@@ -9,10 +9,12 @@ loop until N steps are committed and every evaluation is in:
     read the ledger: committed steps and filtered groups wake us, evaluation results arrive
     every K steps (and after the last), evaluate greedy accuracy on held-out prompts
 mark the run finished and tell every service to stop
+(stopped before by a stop control event: mark the run stopped, and why)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -47,6 +49,9 @@ async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
     created = await store.create_run(config.hash(), config.model_dump_json())
+    if not created and await store.status() == "stopped":  # resumed after a stop event
+        await store.update(status="running", stop_reason="")
+    ctx.on_stop.append(functools.partial(record_stop, store))
     # The prompts need it for chat templates and data.max_prompt_tokens, DPO's pairs always.
     tokenizer = load_tokenizer(config.model) if config.model.path is not None else None
     train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id, tokenizer)
@@ -96,6 +101,13 @@ async def read_ledger(
             elif isinstance(event, events.ScoredGroup):
                 await evaluator.on_result(event)
             await msg.ack()
+
+
+async def record_stop(store: RunStorePort, stop: events.Control) -> None:
+    """A stop control event before the run finished: the record says so and why, for the last
+    line of `miles run` and for `miles status`. The run's own stop (``finish``) leaves it."""
+    if await store.status() == "running":
+        await store.update(status="stopped", stop_reason=stop.reason or "no reason given")
 
 
 async def finish(bus: Bus, store: RunStorePort, step: int, last_step: int) -> None:

@@ -173,7 +173,7 @@ def test_sigterm_stops_the_run_its_services_and_servers(tmp_path: Path, ray_clus
     assert process.returncode == 143, output[-3000:]
     where = ["--output-dir", str(tmp_path), "--set", f"run.output_dir='{tmp_path}'"]
     resume = shlex.join(["miles", "run", "--resume", "termed", *where, "--quiet"])
-    assert f"the run stopped: SIGTERM received. Continue it with: {resume}\n" in output
+    assert f"the run did not finish: SIGTERM received. Continue it with: {resume}\n" in output
     assert not [pid for pid in started if running(pid)]
 
 

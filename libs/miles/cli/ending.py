@@ -7,6 +7,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from miles.runtime.run_record import RunRecord
+
 DEFAULT_OUTPUT_DIR = Path("runs")
 """Where `miles run --resume` looks for the run when no ``--output-dir`` is given."""
 
@@ -27,4 +29,15 @@ def resume_command(args: argparse.Namespace, run_id: str, run_dir: Path) -> str:
 
 
 def ending_line(why: str, resume: str) -> str:
-    return f"miles: the run stopped: {why}. Continue it with: {resume}"
+    return f"miles: the run did not finish: {why}. Continue it with: {resume}"
+
+
+def why_unfinished(record: RunRecord, steps: int) -> str | None:
+    """Why the coordinator ended without finishing the run (None when it finished): every
+    service exits 0 on a stop control event, so only the run record can tell."""
+    if record.status == "finished":
+        return None
+    at = f"at step {record.step}/{steps}"
+    if record.status == "stopped":
+        return f"stopped by a stop control event {at} ({record.stop_reason})"
+    return f"the coordinator exited {at} (run status {record.status!r})"

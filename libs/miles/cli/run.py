@@ -35,7 +35,7 @@ import redis
 from miles import models
 from miles.cli import preflight, report, track
 from miles.cli.common import config_args, resolve_config, run_id_arg
-from miles.cli.ending import ending_line, resume_command
+from miles.cli.ending import ending_line, resume_command, why_unfinished
 from miles.cli.live import LiveView
 from miles.cli.outage import UNREACHABLE, Outage, RedisOutage, launcher_client
 from miles.config import MilesConfig
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
             run_dir / "timeline.jsonl",
             following=following,
         )
-        finished = supervisor.run(quiet=args.quiet)
+        stopped = supervisor.run(quiet=args.quiet)
         view = read_view()
         if following is not None:
             following.update(view)
@@ -259,7 +259,10 @@ def run(args: argparse.Namespace) -> int:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         report.save_run(run_dir, view)
         LiveView.final(summary, run_dir)
-        return 0 if finished else 1
+        if stopped is None:
+            return 0
+        print(ending_line(stopped, resume), flush=True)
+        return 1
     except RedisOutage as lost:
         print(ending_line(str(lost), resume), flush=True)
         return 1
@@ -306,8 +309,9 @@ class Supervisor:
     def restarts(self) -> dict[str, int]:
         return {c.service: c.restarts for c in self.children} | self.server_restarts
 
-    def run(self, quiet: bool) -> bool:
-        """True when the run finished; False when a service keeps crashing."""
+    def run(self, quiet: bool) -> str | None:
+        """None when the run finished; otherwise why it stopped before: a stop control event,
+        or a service that keeps crashing."""
         coordinator = self.children[0]
         with LiveView(self.run_id, self.steps, quiet=quiet) as live:
             for tick in itertools.count():
@@ -334,9 +338,10 @@ class Supervisor:
                             self.read_view, live.log, between=lambda: self.revive_servers(live)
                         )
                         live.update(view)
-                        return view.record.status == "finished"
-                    if not self.restart(child, code, live):
-                        return False
+                        return why_unfinished(view.record, self.steps)
+                    given_up = self.restart(child, code, live)
+                    if given_up is not None:
+                        return given_up
                 time.sleep(0.5)
         raise AssertionError("unreachable")
 
@@ -347,18 +352,17 @@ class Supervisor:
     def starting(self) -> bool:
         return self.first_step is None or self.latest_step <= self.first_step
 
-    def restart(self, child: Child, code: int, live: LiveView) -> bool:
+    def restart(self, child: Child, code: int, live: LiveView) -> str | None:
+        """Restart a crashed service (when its backoff is up); or say why not: it failed to
+        start twice, or crashed too often in a row."""
         if time.monotonic() < child.next_start:
-            return True
+            return None
         if code > 0 and self.starting:  # an error, not a kill, before the run got going
             live.log(f"{child.service} failed to start (exit code {code}); its log ends:")
             live.log(log_tail(child.log_path))
             if child.restarts >= 1:
-                live.log(
-                    f"{child.service} failed to start twice: stopping the run. Fix the error "
-                    f"above, then `miles run --resume {self.run_id}`"
-                )
-                return False
+                live.log(f"{child.service} failed to start twice: stopping the run.")
+                return f"{child.service} failed to start twice (fix the error above)"
         if time.monotonic() - child.started > 60:  # it ran a good while: a fresh failure
             child.backoff = 1.0
             child.streak = 0
@@ -370,12 +374,15 @@ class Supervisor:
             f"(log: {child.log_path})"
         )
         if child.streak > 5:
-            live.log(f"{child.service} crashed 5 times in a row; giving up")
-            return False
+            live.log(f"{child.service} crashed {child.streak} times in a row; giving up")
+            return (
+                f"{child.service} crashed {child.streak} times in a row, last with exit code "
+                f"{code} (log: {child.log_path})"
+            )
         child.next_start = time.monotonic() + child.backoff
         child.backoff = min(child.backoff * 2, 30)
         child.start()
-        return True
+        return None
 
     def revive_servers(self, live: LiveView) -> None:
         """An embedded server that died restarts on the same port, store and AOF."""

@@ -29,7 +29,10 @@ class RunRecord(msgspec.Struct, kw_only=True, frozen=True):
     run_id: str = ""
     config_hash: str = ""
     status: str = ""
-    """``running`` from `create_run`, ``finished`` once the coordinator saw the last step."""
+    """``running`` from `create_run`, ``finished`` once the coordinator saw the last step,
+    ``stopped`` when a stop control event ended it before (a resume sets it running again)."""
+    stop_reason: str = ""
+    """The stop control event's reason, for a ``stopped`` run."""
     started: float | None = None
     finished: float | None = None
     step: int = 0

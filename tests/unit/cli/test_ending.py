@@ -48,6 +48,6 @@ def test_the_resume_finds_the_run_where_it_is_and_keeps_the_overrides(tmp_path: 
 def test_the_ending_is_one_line() -> None:
     line = ending_line("Redis was unreachable for 121 s", "miles run --resume r3")
     assert line == (
-        "miles: the run stopped: Redis was unreachable for 121 s. "
+        "miles: the run did not finish: Redis was unreachable for 121 s. "
         "Continue it with: miles run --resume r3"
     )
