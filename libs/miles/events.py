@@ -221,6 +221,8 @@ AnyEvent = (
 )
 
 E = TypeVar("E", bound=Event)
+Expected = type[E] | tuple[type[E], ...]
+"""What a consumer accepts: one event type, or a few (the coordinator's inbox takes three)."""
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[AnyEvent] = msgspec.msgpack.Decoder(AnyEvent)
@@ -243,8 +245,9 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
-def decode(data: bytes, expected: type[E], run_id: str) -> E:
-    """Decode and validate one event; raise ``BadEvent`` with a reason otherwise."""
+def decode(data: bytes, expected: Expected[E], run_id: str) -> E:
+    """Decode and validate one event; raise ``BadEvent`` with a reason otherwise. A known event
+    of another type is refused too (``type``): a consumer sees only what it expects."""
     if data[:1] == b"\x80":  # pickle protocol 2+ opcode PROTO: refuse without unpickling
         raise BadEvent("pickle", "pickle payloads are never accepted")
     try:
@@ -258,5 +261,10 @@ def decode(data: bytes, expected: type[E], run_id: str) -> E:
     if event.run_id != run_id:
         raise BadEvent("run_id", f"event for run {event.run_id!r} reached run {run_id!r}")
     if not isinstance(event, expected):
-        raise BadEvent("type", f"expected {expected.__name__}, got {type(event).__name__}")
+        raise BadEvent("type", f"expected {_names(expected)}, got {type(event).__name__}")
     return event
+
+
+def _names(expected: Expected[E]) -> str:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join(kind.__name__ for kind in kinds)

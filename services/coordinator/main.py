@@ -10,10 +10,12 @@ loop until N steps are committed and every evaluation is in, or a drain's step i
     read the ledger: committed steps and filtered groups wake us, evaluation results arrive
     every K steps (and after the last), evaluate greedy accuracy on held-out prompts
 mark the run finished (or drained) and tell every service to stop
+(stopped before by a stop control event: mark the run stopped, and why)
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -23,7 +25,7 @@ from miles.models import load_tokenizer
 from miles.runtime.bus import Bus, Message
 from miles.runtime.run_record import RunStorePort
 from miles.runtime.service import ServiceContext
-from miles.runtime.subjects import COORDINATOR_CONSUMER
+from miles.runtime.subjects import COORDINATOR_CONSUMER, Subjects
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
 from services.coordinator.operator import follow_commands
@@ -32,13 +34,26 @@ from services.coordinator.watch import Watch
 
 log = logging.getLogger("miles.coordinator")
 
+LEDGER = (events.StepCommitted, events.GroupFiltered, events.ScoredGroup)
+"""What the inbox takes, one type per subject of the ledger stream (``ledger_types``): anything
+else there (a heartbeat sent to ``.steps``) is dead-lettered, not acked silently."""
+
+
+def ledger_types(subjects: Subjects) -> dict[str, type[events.Event]]:
+    return {
+        subjects.steps: events.StepCommitted,
+        subjects.filtered: events.GroupFiltered,
+        subjects.eval_scored: events.ScoredGroup,
+    }
+
 
 async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
     created = await store.create_run(config.hash(), config.model_dump_json())
-    if not created and await store.status() == "drained":  # resumed after `miles drain`
-        await store.update(status="running", drain_step=0, paused=0)
+    if not created and await store.status() in ("drained", "stopped"):  # resumed
+        await store.update(status="running", stop_reason="", drain_step=0, paused=0)
+    ctx.on_stop.append(functools.partial(record_stop, store))
     # The prompts need it for chat templates and data.max_prompt_tokens, DPO's pairs always.
     tokenizer = load_tokenizer(config.model) if config.model.path is not None else None
     train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id, tokenizer)
@@ -59,7 +74,7 @@ async def main(ctx: ServiceContext) -> None:
             # on the counters refreshed at the end of the last round
             await feed.dispatch(evaluator.pending(feed.step))
         with ctx.waiting():
-            arrived = await bus.fetch(inbox, events.Event, 64, 0.5)
+            arrived = await bus.fetch(inbox, LEDGER, 64, 0.5)
         with ctx.busy():
             await read_ledger(bus, store, evaluator, arrived)
             await evaluator.write_overdue()
@@ -79,10 +94,15 @@ async def read_ledger(
     bus: Bus, store: RunStorePort, evaluator: Evaluator, arrived: list[tuple[events.Event, Message]]
 ) -> None:
     """Each notice acked once the run record (or, for eval results, the round) holds it;
-    filtered groups only wake the loop: the buffer recorded them already."""
+    filtered groups only wake the loop: the buffer recorded them already. A notice of another
+    subject's type (an eval result sent to ``.steps``) is dead-lettered."""
+    expected = ledger_types(bus.subjects)
     for event, msg in arrived:
         with bus.process(msg):
-            if isinstance(event, events.StepCommitted):
+            if not isinstance(event, expected[msg.subject]):
+                detail = f"expected {expected[msg.subject].__name__} on {msg.subject}, got "
+                await bus.dead_letter(msg.subject, msg.data, "type", detail + type(event).__name__)
+            elif isinstance(event, events.StepCommitted):
                 await store.update(reward_mean=event.reward_mean, loss=event.loss)
                 await evaluator.after_step(event.step)
             elif isinstance(event, events.ScoredGroup):
@@ -98,6 +118,14 @@ async def drained(bus: Bus, store: RunStorePort, step: int) -> None:
     )
     await bus.broadcast(bus.subjects.control("stop"), stop)
     log.info("run %s drained at step %d; `miles run --resume` continues it", bus.run_id, step)
+
+
+async def record_stop(store: RunStorePort, stop: events.Control) -> None:
+    """A stop control event before the run finished: the record says so and why, for the last
+    line of `miles run` and for `miles status`. The run's own stop (``finish``, ``drained``)
+    leaves it."""
+    if await store.status() == "running":
+        await store.update(status="stopped", stop_reason=stop.reason or "no reason given")
 
 
 async def finish(bus: Bus, store: RunStorePort, step: int, last_step: int) -> None:

@@ -5,6 +5,8 @@
 - accounted:    tasks whose group was trained in a committed step, filtered by the buffer with
                 a recorded reason, or dead-lettered
 - lost = acknowledged - accounted; unexpected = accounted - attempted
+- undecodable:  messages kept in the streams that are not events of this run (junk a fault
+                injection published, a forged type): skipped and counted, by stream and reason
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import nats
 from redis.asyncio import Redis
 
 from miles import events
+from miles.events import E
 from miles.runtime.bus import DeadLetter
 from miles.runtime.checkpoint import Manifest, Manifests
 from miles.runtime.store import RunStore
@@ -36,6 +39,8 @@ class Audit:
     step_events: list[int]
     duplicate_samples: list[str] = field(default_factory=list)
     dispatched_twice: list[str] = field(default_factory=list)
+    undecodable: Counter[str] = field(default_factory=Counter)
+    """``<stream>: <reason>`` -> messages skipped there (the services dead-lettered them)."""
 
     @property
     def accounted(self) -> set[str]:
@@ -82,18 +87,20 @@ async def audit(nats_url: str, redis: Redis, run_id: str) -> Audit:
     nc = await nats.connect(nats_url)
     try:
         js = nc.jetstream()
-        dispatched = [
-            task.task_id
-            for task in await _read_all(js, subjects.stream("tasks"), events.Task, run_id)
-            if task.split == "train"
-        ]
-        steps = await _read_all(js, subjects.stream("ledger"), events.Event, run_id)
-        dead = set()
-        for record in await _read_raw(js, subjects.stream("dead")):
-            letter = msgspec.msgpack.decode(record, type=DeadLetter)
-            dead.add(letter.detail)  # chaos runs expect none; the detail says what it was
+        tasks = await _read_raw(js, subjects.stream("tasks"))
+        ledger = await _read_raw(js, subjects.stream("ledger"))
+        dead_letters = await _read_raw(js, subjects.stream("dead"))
     finally:
         await nc.close()
+    undecodable: Counter[str] = Counter()
+    dispatched = [
+        task.task_id
+        for task in decode_kept(tasks, events.Task, run_id, "tasks", undecodable)
+        if task.split == "train"
+    ]
+    notices = decode_kept(ledger, events.Event, run_id, "ledger", undecodable)
+    # chaos runs expect none; the detail says what it was
+    dead = {letter.detail for letter in decode_dead(dead_letters, undecodable)}
     store = RunStore(redis, run_id)
     run = await store.run()
     manifests = await Manifests(redis, run_id).all()
@@ -107,8 +114,9 @@ async def audit(nats_url: str, redis: Redis, run_id: str) -> Audit:
         trained={t for m in manifests for t in m.task_ids},
         filtered=set(await redis.hkeys(store.keys.filtered_tasks)),
         dead=dead,
-        step_events=[e.step for e in steps if isinstance(e, events.StepCommitted)],
+        step_events=[e.step for e in notices if isinstance(e, events.StepCommitted)],
         duplicate_samples=sorted(s for s, n in samples.items() if n > 1),
+        undecodable=undecodable,
     )
 
 
@@ -126,5 +134,27 @@ async def _read_raw(js: nats.js.JetStreamContext, stream: str) -> list[bytes]:
     return out
 
 
-async def _read_all(js, stream: str, expected: type, run_id: str) -> list:  # type: ignore[no-untyped-def]
-    return [events.decode(data, expected, run_id) for data in await _read_raw(js, stream)]
+def decode_kept(
+    payloads: list[bytes], expected: type[E], run_id: str, stream: str, skipped: Counter[str]
+) -> list[E]:
+    """The ``expected`` events of the run among ``payloads``. The rest (junk, pickles, another
+    run's or another type's events) is counted in ``skipped`` by stream and reason, not raised:
+    a stream keeps what a fault injection published, which the services dead-lettered."""
+    kept = []
+    for data in payloads:
+        try:
+            kept.append(events.decode(data, expected, run_id))
+        except events.BadEvent as bad:
+            skipped[f"{stream}: {bad.reason}"] += 1
+    return kept
+
+
+def decode_dead(payloads: list[bytes], skipped: Counter[str]) -> list[DeadLetter]:
+    """The dead-letter records; junk published to the dead subject is counted, not raised."""
+    letters = []
+    for data in payloads:
+        try:
+            letters.append(msgspec.msgpack.decode(data, type=DeadLetter))
+        except msgspec.DecodeError:  # ValidationError derives from it
+            skipped["dead: not a dead letter"] += 1
+    return letters

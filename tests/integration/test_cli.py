@@ -4,6 +4,7 @@ missing."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -170,7 +171,9 @@ def test_sigterm_stops_the_run_its_services_and_servers(tmp_path: Path, ray_clus
         if process.poll() is None:
             process.kill()
     assert process.returncode == 143, output[-3000:]
-    assert "stopped (SIGTERM); continue with `miles run --resume termed`" in output
+    where = ["--output-dir", str(tmp_path), "--set", f"run.output_dir='{tmp_path}'"]
+    resume = shlex.join(["miles", "run", "--resume", "termed", *where, "--quiet"])
+    assert f"the run did not finish: SIGTERM received. Continue it with: {resume}\n" in output
     assert not [pid for pid in started if running(pid)]
 
 

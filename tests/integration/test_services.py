@@ -26,6 +26,7 @@ from miles.recipe import Recipe, load_recipe
 from miles.runtime import embedded
 from miles.runtime.bus import NatsBus, connect_nats
 from miles.runtime.checkpoint import Manifest, Manifests
+from miles.runtime.run_record import RunRecord
 from miles.runtime.service import ServiceContext, run_service
 from miles.runtime.store import RunStore, connect_redis
 from miles.runtime.subjects import (
@@ -482,6 +483,44 @@ async def test_coordinator_paces_dispatch_by_staleness_gate(
         assert await h.store.filtered_groups() == 1
     finally:
         await h.close()
+
+
+async def test_a_stop_control_event_marks_the_run_stopped_and_a_resume_running(
+    nats_server: embedded.Server, redis_server: embedded.Server, tmp_path: Path
+) -> None:
+    """Every service exits 0 on a stop control event, so the run record is where `miles run`
+    reads that the run was stopped, and why; a restarted coordinator (a resume) runs it again."""
+    train = _jsonl(tmp_path / "train.jsonl", [(f"{i}+1=", str(i + 1)) for i in range(6)])
+    held_out = _jsonl(tmp_path / "eval.jsonl", [("2+2=", "4")])
+    config = _config(
+        nats_server,
+        redis_server,
+        f'data.train_path="{train}"',
+        f'data.eval_path="{held_out}"',
+        "run.steps=3",
+        "coordinator.eval_every=100",
+    )
+    first = await Harness.open(config, _recipe(tmp_path), tmp_path)
+    first.start("coordinator", coordinator_main)
+    await first.collect(await first.bus.pull("tasks", ROLLOUT_CONSUMER), events.Task, 2)
+    await first.close()  # a stop control event, reason "test"
+
+    store = RunStore(await connect_redis(redis_server.url, 5), first.run_id)
+    record = RunRecord.decode(await store.run())
+    assert (record.status, record.stop_reason) == ("stopped", "test")
+    nc = await connect_nats(nats_server.url, 5, name="test")
+    bus = NatsBus(nc, first.run_id, "test", config.infra.max_payload_bytes)
+    resumed = Harness(config, _recipe(tmp_path), tmp_path, bus, store)
+    resumed.start("coordinator", coordinator_main)
+
+    async def running() -> bool:
+        again = RunRecord.decode(await store.run())
+        return (again.status, again.stop_reason) == ("running", "")
+
+    try:
+        await resumed.wait_for(running)
+    finally:
+        await resumed.close()
 
 
 async def test_an_evaluation_missing_results_is_recorded_partial_not_awaited_forever(

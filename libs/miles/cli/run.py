@@ -38,7 +38,9 @@ import redis
 from miles import models
 from miles.cli import export, preflight, report, track
 from miles.cli.common import config_args, resolve_config, run_id_arg
+from miles.cli.ending import ending_line, resume_command, why_unfinished
 from miles.cli.live import LiveView
+from miles.cli.outage import UNREACHABLE, Outage, RedisOutage, launcher_client
 from miles.config import MilesConfig
 from miles.recipe import Recipe, load_recipe
 from miles.runtime import embedded, raycluster
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     # embedded servers running with no one to stop them.
     signal.signal(signal.SIGTERM, _stop)
     recipe, config, run_id, run_dir, plan = prepare(args)
+    resume = resume_command(args, run_id, run_dir)
     try:
         checked = preflight.check(config, recipe)
     except preflight.PreflightFailed as failed:
@@ -197,8 +200,13 @@ def run(args: argparse.Namespace) -> int:
             config.infra.ray_address = raycluster.start_local(run_dir)
             started_ray = True
         assert config.infra.redis_url is not None
-        client = redis.Redis.from_url(config.infra.redis_url, decode_responses=True)
-        status = RunView.read(client, run_id).record.status if args.resume else None
+        client = launcher_client(config.infra.redis_url, config.infra.connect_timeout_seconds)
+        outage = Outage(config.infra.outage_tolerance_seconds)
+
+        def read_view() -> RunView:
+            return outage.read(lambda: RunView.read(client, run_id), log=launcher_log)
+
+        status = read_view().record.status if args.resume else None
         if status == "finished":
             print(f"miles: run {run_id} finished already; nothing to resume", flush=True)
             return 0
@@ -246,11 +254,12 @@ def run(args: argparse.Namespace) -> int:
             client,
             run_id,
             config.run.steps,
+            outage,
             run_dir / "timeline.jsonl",
             following=following,
         )
-        finished = supervisor.run(quiet=args.quiet)
-        view = RunView.read(client, run_id)
+        stopped = supervisor.run(quiet=args.quiet)
+        view = read_view()
         if following is not None:
             following.update(view)
         summary = view.summary() | {
@@ -260,23 +269,22 @@ def run(args: argparse.Namespace) -> int:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         report.save_run(run_dir, view)
         loading = None
-        if finished:
+        if stopped is None:  # finished: the model out, while NATS and Redis are up
             exported = export.export_final(config, run_id, run_dir)
             summary["model"] = str(exported.path)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             loading = export.loading_hint(exported)
         LiveView.final(summary, run_dir, loading)
-        if view.record.status == "drained":
-            print(
-                f"miles: run {run_id} drained at step {view.step} (`miles drain`); continue "
-                f"with `miles run --resume {run_id}`",
-                flush=True,
-            )
-            return DRAINED
-        return 0 if finished else 1
+        if stopped is None:
+            return 0
+        print(ending_line(stopped, resume), flush=True)
+        return DRAINED if view.record.status == "drained" else 1
+    except RedisOutage as lost:
+        print(ending_line(str(lost), resume), flush=True)
+        return 1
     except KeyboardInterrupt as stop:
         name = str(stop) or "SIGINT"
-        print(f"\nmiles: stopped ({name}); continue with `miles run --resume {run_id}`", flush=True)
+        print("\n" + ending_line(f"{name} received", resume), flush=True)
         return 128 + getattr(stop, "signum", signal.SIGINT)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut cleanup short
@@ -302,6 +310,8 @@ class Supervisor:
     client: redis.Redis
     run_id: str
     steps: int
+    outage: Outage
+    """How long Redis has been away: the supervisor rides out up to its tolerance."""
     timeline: Path | None = None
     peak_processes: int = 0
     server_restarts: dict[str, int] = field(default_factory=dict)
@@ -315,14 +325,15 @@ class Supervisor:
     def restarts(self) -> dict[str, int]:
         return {c.service: c.restarts for c in self.children} | self.server_restarts
 
-    def run(self, quiet: bool) -> bool:
-        """True when the run finished; False when a service keeps crashing."""
+    def run(self, quiet: bool) -> str | None:
+        """None when the run finished; otherwise why it stopped before: a stop control event,
+        or a service that keeps crashing."""
         coordinator = self.children[0]
         with LiveView(self.run_id, self.steps, quiet=quiet) as live:
             for tick in itertools.count():
                 self.revive_servers(live)
-                with contextlib.suppress(redis.exceptions.ConnectionError):
-                    view = RunView.read(self.client, self.run_id)
+                view = self.outage.attempt(self.read_view, live.log)
+                if view is not None:
                     self.latest_step = view.step
                     self.first_step = view.step if self.first_step is None else self.first_step
                     live.update(view)
@@ -339,30 +350,35 @@ class Supervisor:
                         continue  # running, or stopped on purpose (the run finished)
                     if child is coordinator and code == 0:
                         wait_for_exit(self.children[1:], timeout=30)
-                        view = RunView.read(self.client, self.run_id)
+                        view = self.outage.read(
+                            self.read_view, live.log, between=lambda: self.revive_servers(live)
+                        )
                         live.update(view)
-                        return view.record.status == "finished"
-                    if not self.restart(child, code, live):
-                        return False
+                        return why_unfinished(view.record, self.steps)
+                    given_up = self.restart(child, code, live)
+                    if given_up is not None:
+                        return given_up
                 time.sleep(0.5)
         raise AssertionError("unreachable")
+
+    def read_view(self) -> RunView:
+        return RunView.read(self.client, self.run_id)
 
     @property
     def starting(self) -> bool:
         return self.first_step is None or self.latest_step <= self.first_step
 
-    def restart(self, child: Child, code: int, live: LiveView) -> bool:
+    def restart(self, child: Child, code: int, live: LiveView) -> str | None:
+        """Restart a crashed service (when its backoff is up); or say why not: it failed to
+        start twice, or crashed too often in a row."""
         if time.monotonic() < child.next_start:
-            return True
+            return None
         if code > 0 and self.starting:  # an error, not a kill, before the run got going
             live.log(f"{child.service} failed to start (exit code {code}); its log ends:")
             live.log(log_tail(child.log_path))
             if child.restarts >= 1:
-                live.log(
-                    f"{child.service} failed to start twice: stopping the run. Fix the error "
-                    f"above, then `miles run --resume {self.run_id}`"
-                )
-                return False
+                live.log(f"{child.service} failed to start twice: stopping the run.")
+                return f"{child.service} failed to start twice (fix the error above)"
         if time.monotonic() - child.started > 60:  # it ran a good while: a fresh failure
             child.backoff = 1.0
             child.streak = 0
@@ -374,12 +390,15 @@ class Supervisor:
             f"(log: {child.log_path})"
         )
         if child.streak > 5:
-            live.log(f"{child.service} crashed 5 times in a row; giving up")
-            return False
+            live.log(f"{child.service} crashed {child.streak} times in a row; giving up")
+            return (
+                f"{child.service} crashed {child.streak} times in a row, last with exit code "
+                f"{code} (log: {child.log_path})"
+            )
         child.next_start = time.monotonic() + child.backoff
         child.backoff = min(child.backoff * 2, 30)
         child.start()
-        return True
+        return None
 
     def revive_servers(self, live: LiveView) -> None:
         """An embedded server that died restarts on the same port, store and AOF."""
@@ -392,9 +411,15 @@ class Supervisor:
                 self.count_restart(server.name)
 
     def count_restart(self, name: str) -> None:
-        """Into the run record, where the coordinator exports it (``miles_restarts_total``)."""
-        with contextlib.suppress(redis.exceptions.ConnectionError):
+        """Into the run record, where the coordinator exports it (``miles_restarts_total``);
+        not counted while Redis is away (the supervisor's reads say so)."""
+        with contextlib.suppress(*UNREACHABLE):
             self.client.hincrby(RunKeys(self.run_id).restarts, name, 1)
+
+
+def launcher_log(message: str) -> None:
+    """A line from the launcher before (or after) the live view."""
+    print(f"miles: {message}", flush=True)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

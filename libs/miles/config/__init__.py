@@ -42,6 +42,7 @@ __all__ = [
     "DPO",
     "GRPO",
     "GSPO",
+    "OUTAGE_TOLERANCE_SECONDS",
     "PPO",
     "RLOO",
     "Algorithm",
@@ -463,6 +464,11 @@ class TrackingConfig(_Section):
     )
 
 
+OUTAGE_TOLERANCE_SECONDS = 120.0
+"""The README promises Redis outages of up to two minutes are ridden out (a restart replaying
+its AOF, a stalled host)."""
+
+
 class InfraConfig(_Section):
     nats_url: str | None = Field(None, description="None: start an embedded nats-server.")
     redis_url: str | None = Field(None, description="None: start an embedded redis-server.")
@@ -471,6 +477,13 @@ class InfraConfig(_Section):
     blob_dir: Path | None = Field(None, description="Shared directory; default <run>/blobs.")
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     connect_timeout_seconds: float = Field(5.0, gt=0)
+    outage_tolerance_seconds: float = Field(
+        OUTAGE_TOLERANCE_SECONDS,
+        gt=0,
+        description="How long an unreachable or stalled Redis (refused connections, or reads "
+        "timing out) is ridden out with logged backoff; after it `miles run` stops and prints "
+        "the `miles run --resume` line.",
+    )
     ack_wait_seconds: float = Field(
         6.0,
         ge=1,

@@ -30,7 +30,10 @@ class RunRecord(msgspec.Struct, kw_only=True, frozen=True):
     config_hash: str = ""
     status: str = ""
     """``running`` from `create_run`, ``finished`` once the coordinator saw the last step,
-    ``drained`` once it stopped the run at ``drain_step`` (`miles drain`; resumable)."""
+    ``drained`` once it stopped the run at ``drain_step`` (`miles drain`), ``stopped`` when a
+    stop control event ended it before (a resume sets either running again)."""
+    stop_reason: str = ""
+    """The stop control event's reason, for a ``stopped`` run."""
     started: float | None = None
     finished: float | None = None
     step: int = 0

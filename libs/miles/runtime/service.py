@@ -84,6 +84,11 @@ class ServiceContext:
     clock: Clock = field(default_factory=Clock)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     metrics_port: int = 0
+    stopped_by: events.Control | None = None
+    """The stop control event that stopped this service, if one did (not a signal)."""
+    on_stop: list[Callable[[events.Control], Awaitable[None]]] = field(default_factory=list)
+    """Awaited when a stop control event stopped the service, before its connections close:
+    the coordinator records in the run record that the run was stopped, and why."""
 
     @property
     def subjects(self) -> Subjects:
@@ -162,6 +167,7 @@ class ServiceContext:
         async def on_control(control: events.Control) -> None:
             if control.command == "stop":
                 log.info("%s: stop requested (%s)", self.service, control.reason)
+                self.stopped_by = control
                 self.stopping.set()
 
         await self.bus.listen(self.subjects.control(), events.Control, on_control)
@@ -234,6 +240,9 @@ async def run_service(
         ctx.stopping.set()
         stop.cancel()
         await heartbeats
+        if ctx.stopped_by is not None:
+            for hook in ctx.on_stop:
+                await hook(ctx.stopped_by)
         await ctx.store.heartbeat(ctx.heartbeat())
         # Not nc.drain(): a pull fetch that expired leaves its 408 status message unread in the
         # subscription's queue, and drain() waits for that queue until its 30 s timeout. What must

@@ -37,6 +37,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 
+from miles.config import OUTAGE_TOLERANCE_SECONDS
 from miles.events import Heartbeat
 from miles.runtime.bus import Unreachable
 from miles.runtime.replies import counts, members, optional_text, text, text_map
@@ -88,7 +89,7 @@ class RunKeys:
         return f"{self.record}:lease:{member}"
 
 
-REDIS_OUTAGE_SECONDS = 120.0
+REDIS_OUTAGE_SECONDS = OUTAGE_TOLERANCE_SECONDS
 """How long a service rides out an unreachable Redis (a restart replaying its AOF) before its
 calls raise and the supervisor restarts it."""
 

@@ -81,7 +81,7 @@ class MemoryBus:
         return PullSubscription(self.broker, self.broker.consumers[key])
 
     async def fetch(
-        self, subscription: Subscription, expected: type[E], batch: int, timeout: float
+        self, subscription: Subscription, expected: events.Expected[E], batch: int, timeout: float
     ) -> list[tuple[E, Message]]:
         messages = await subscription.fetch(batch=batch, timeout=timeout)
         return await decode_fetched(self, messages, expected)

@@ -199,7 +199,7 @@ class NatsBus:
                     delay = min(delay * 2, 5.0)
 
     async def fetch(
-        self, subscription: Subscription, expected: type[E], batch: int, timeout: float
+        self, subscription: Subscription, expected: events.Expected[E], batch: int, timeout: float
     ) -> list[tuple[E, Message]]:
         """Pull up to ``batch`` messages; bad ones are dead-lettered and acked here."""
         try:

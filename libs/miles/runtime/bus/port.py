@@ -137,7 +137,7 @@ class Bus(ObjectBuckets, Protocol):
         ...
 
     async def fetch(
-        self, subscription: Subscription, expected: type[E], batch: int, timeout: float
+        self, subscription: Subscription, expected: events.Expected[E], batch: int, timeout: float
     ) -> list[tuple[E, Message]]:
         """Up to ``batch`` decoded messages, [] after ``timeout``; bad ones are dead-lettered
         and acked here."""
@@ -209,7 +209,7 @@ def dead_letter_record(
 
 
 async def decode_fetched(
-    bus: Bus, messages: Sequence[Message], expected: type[E]
+    bus: Bus, messages: Sequence[Message], expected: events.Expected[E]
 ) -> list[tuple[E, Message]]:
     """Decode what a fetch returned; what fails is dead-lettered and acked, never redelivered."""
     good: list[tuple[E, Message]] = []
