@@ -84,8 +84,13 @@ class FsdpTrainer:
         """Gathered on every rank (a collective), written by rank 0; its digest on every rank."""
         full = get_model_state_dict(self.torch.model, options=FULL)
         if self.rank == 0:
-            # transformers drops the tied duplicates from the state dict it is given.
-            self.torch.model.save_pretrained(directory, state_dict=full)
+            # A tied head is written once, under its embedding's name, as the torch backend
+            # writes it: save_pretrained keeps every key of a state dict it is given.
+            model = self.torch.model
+            kept = {name for name, _ in model.named_parameters()}  # tied ones once
+            tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
+            untied = {name: tensor for name, tensor in full.items() if name not in tied}
+            model.save_pretrained(directory, state_dict=untied)
         dist.barrier()
         with open(Path(directory) / WEIGHTS_FILE, "rb") as weights:
             return hashlib.file_digest(weights, "sha256").hexdigest()
