@@ -28,7 +28,7 @@ from miles.runtime.service import ServiceContext
 from miles.runtime.subjects import COORDINATOR_CONSUMER, Subjects
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
-from services.coordinator.operator import follow_commands
+from services.coordinator.operator import Commands
 from services.coordinator.sources import train_source
 from services.coordinator.watch import Watch
 
@@ -60,7 +60,8 @@ async def main(ctx: ServiceContext) -> None:
     held_out = load_prompts(config, ctx.recipe, "eval", tokenizer).prompts
     feed = await Feed.resume(bus, store, ctx.metrics, config, train)
     log.info("run %s %s at step %d", ctx.run_id, "created" if created else "resumed", feed.step)
-    await follow_commands(bus, store, feed)  # miles pause / resume / drain
+    commands = Commands()  # miles pause / resume / drain
+    await commands.follow(bus)
     watch = Watch(bus, store, ctx.metrics, config.coordinator.heartbeat_seconds)
     await watch.start()
     inbox = await bus.pull("ledger", COORDINATOR_CONSUMER)
@@ -71,6 +72,7 @@ async def main(ctx: ServiceContext) -> None:
     while not ctx.stopping.is_set():
         with ctx.busy():
             await watch.check()
+            await commands.apply(store, feed)
             # on the counters refreshed at the end of the last round
             await feed.dispatch(evaluator.pending(feed.step))
         with ctx.waiting():

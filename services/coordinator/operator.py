@@ -13,6 +13,7 @@ every round and a restarted coordinator finds them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from miles import events
@@ -23,11 +24,27 @@ from services.coordinator.feed import Feed
 log = logging.getLogger("miles.coordinator")
 
 
-async def follow_commands(bus: Bus, store: RunStorePort, feed: Feed) -> None:
-    async def on_control(control: events.Control) -> None:
-        await obey(store, feed, control)
+OPERATOR_COMMANDS = ("pause", "resume", "drain")
 
-    await bus.listen(bus.subjects.control(), events.Control, on_control)
+
+class Commands:
+    """Commands as they arrive, queued by the bus's callback and obeyed by the coordinator's
+    loop (``apply``, each round): the feed changes in one task only, and a callback does no
+    I/O that could outlive the service's shutdown."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[events.Control] = asyncio.Queue()
+
+    async def follow(self, bus: Bus) -> None:
+        async def on_control(control: events.Control) -> None:
+            if control.command in OPERATOR_COMMANDS:
+                self.queue.put_nowait(control)
+
+        await bus.listen(bus.subjects.control(), events.Control, on_control)
+
+    async def apply(self, store: RunStorePort, feed: Feed) -> None:
+        while not self.queue.empty():
+            await obey(store, feed, self.queue.get_nowait())
 
 
 async def obey(store: RunStorePort, feed: Feed, control: events.Control) -> None:

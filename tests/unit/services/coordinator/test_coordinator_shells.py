@@ -3,6 +3,8 @@ pacing allows and records its cursor, the evaluator publishes a round and writes
 
 from __future__ import annotations
 
+import asyncio
+
 from miles import events
 from miles.config import MilesConfig, load_config
 from miles.data import Prompt
@@ -13,7 +15,7 @@ from miles.runtime.subjects import ROLLOUT_CONSUMER
 from miles.telemetry import Metrics
 from services.coordinator.evaluator import Evaluator
 from services.coordinator.feed import Feed
-from services.coordinator.operator import obey
+from services.coordinator.operator import Commands, obey
 from services.coordinator.sources import Prompts, Source
 
 PROMPTS = [Prompt(f"{i}+1=", str(i + 1)) for i in range(6)]
@@ -158,3 +160,16 @@ async def test_a_drain_completes_the_steps_in_flight_and_no_more() -> None:
 
     await obey(store, feed, command("resume"))  # cancels the drain
     assert not feed.drained and (await store.record()).drain_step == 0
+
+
+async def test_commands_wait_for_the_coordinators_loop_and_stop_is_not_theirs() -> None:
+    bus, store = await twins()
+    feed = await Feed.resume(bus, store, Metrics("coordinator", "run"), config(), tasks(bus))
+    commands = Commands()
+    await commands.follow(bus)
+    await bus.broadcast(bus.subjects.control("pause"), command("pause"))
+    await bus.broadcast(bus.subjects.control("stop"), command("stop"))
+    await asyncio.sleep(0.05)
+    assert not (await store.record()).paused  # the loop applies it, not the callback
+    await commands.apply(store, feed)
+    assert (await store.record()).paused == 1 and commands.queue.empty()
