@@ -100,9 +100,25 @@ class TrainerActor:
 
 def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
     """The backend ``trainer.backend`` names, with the recipe's ``@miles.update`` if any."""
+    trainer = config.trainer.model_copy(update={"threads": config.cpu_threads().trainer})
+    if recipe.update is not None and trainer.backend != "torch":
+        raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
     if config.model.path is None:
         raise ValueError("model.path is not set: point it at a Hugging Face model directory")
-    trainer = config.trainer.model_copy(update={"threads": config.cpu_threads().trainer})
+    if trainer.backend == "fsdp":
+        from miles.trainer.fsdp.group import FsdpRayGroup
+
+        # The ranks are actors of their own; trainer.num_cpus and num_gpus are shared out.
+        return FsdpRayGroup(
+            str(config.model.path),
+            trainer,
+            config.algorithm_resolved(),
+            config.run.seed,
+            trainer.fsdp_ranks,
+            cpus_per_rank=trainer.num_cpus / trainer.fsdp_ranks,
+            gpus_per_rank=trainer.num_gpus / trainer.fsdp_ranks,
+            trust_remote_code=config.model.trust_remote_code,
+        )
     if trainer.backend == "torch":
         return TorchTrainer(
             str(config.model.path),
@@ -112,8 +128,6 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
             recipe.update,
             trust_remote_code=config.model.trust_remote_code,
         )
-    if recipe.update is not None:
-        raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
     # Imported here: megatron-core is an optional extra.
     from miles.trainer.megatron.model import MegatronLayout
     from miles.trainer.megatron.ray_group import MegatronRayGroup

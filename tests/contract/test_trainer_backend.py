@@ -2,7 +2,8 @@
 
 "torch" is ``TorchTrainer`` in this process (seconds); "megatron" is ``MegatronRayGroup``, two
 tensor-parallel Megatron-core rank actors on Ray, on CPU over gloo (``cpu_shims``): an
-integration test, as tests/integration/test_megatron.py; "torch-lora" is ``TorchTrainer`` with
+integration test, as tests/integration/test_megatron.py; "fsdp" is ``FsdpRayGroup``, two FSDP2
+rank actors over gloo (an integration test too); "torch-lora" is ``TorchTrainer`` with
 ``trainer.lora`` (adapters train, merged weights go out). All train the session's tiny Llama.
 
 What the trainer service relies on: a step moves the weights and reports the documented metrics;
@@ -93,6 +94,12 @@ class Backends:
         if self.kind == "torch-lora":
             with_lora = trainer.model_copy(update={"lora": LoraConfig(rank=4)})
             return TorchTrainer(str(self.model), with_lora, GRPO, SEED)
+        if self.kind == "fsdp":
+            from miles.trainer.fsdp.group import FsdpRayGroup
+
+            fsdp = FsdpRayGroup(str(self.model), trainer, GRPO, SEED, world_size=2)
+            self.built.append(fsdp)
+            return fsdp
         from miles.trainer.megatron.model import MegatronLayout
         from miles.trainer.megatron.ray_group import MegatronRayGroup
 
@@ -128,12 +135,15 @@ class Backends:
         pytest.param("torch", id="torch"),
         pytest.param("torch-lora", id="torch-lora"),
         pytest.param("megatron", id="megatron", marks=pytest.mark.integration),
+        pytest.param("fsdp", id="fsdp", marks=pytest.mark.integration),
     ],
 )
 def backends(request: pytest.FixtureRequest, tiny_model: Path) -> Iterator[Backends]:
     if request.param == "megatron":
         pytest.importorskip("megatron.core", reason="megatron-core is an optional dependency")
         request.getfixturevalue("ray_cluster")  # started only for the megatron params
+    if request.param == "fsdp":
+        request.getfixturevalue("ray_cluster")
     torch.set_num_threads(1)
     made = Backends(request.param, tiny_model)
     yield made

@@ -229,10 +229,12 @@ class BufferConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    backend: Literal["torch", "megatron", "simulated"] = Field(
+    backend: Literal["torch", "fsdp", "megatron", "simulated"] = Field(
         "torch",
         description="torch: one process, the HF model. megatron: Megatron-core GPTModel ranks "
-        "as Ray actors in a placement group (tensor/pipeline/data parallel). simulated "
+        "as Ray actors in a placement group (tensor/pipeline/data parallel). fsdp: the torch "
+        "backend's step on trainer.fsdp_ranks FSDP2 rank actors (gloo on CPU, NCCL on GPUs). "
+        "simulated "
         "(benchmarks and tests): sleeps trainer.simulated's time per step, tiny weights.",
     )
     simulated: SimulatedTrainerConfig = Field(
@@ -242,6 +244,7 @@ class TrainerConfig(_Section):
     tensor_parallel: int = Field(1, ge=1, description="Megatron: tensor-parallel size.")
     pipeline_parallel: int = Field(1, ge=1, description="Megatron: pipeline-parallel size.")
     data_parallel: int = Field(1, ge=1, description="Megatron: data-parallel size.")
+    fsdp_ranks: int = Field(2, ge=1, description="fsdp: ranks the model is sharded over.")
     lr: float = Field(1e-4, ge=0, description="The base learning rate (the schedule's peak).")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant",
@@ -525,6 +528,20 @@ class MilesConfig(_Section):
             raise ValueError(
                 "rollout.engine='simulated' has no server to push weights into: set "
                 "rollout.weight_sync='blob'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_runs_the_policy_gradient(self) -> MilesConfig:
+        if self.trainer.backend == "fsdp" and self.algorithm.name in ("ppo", "dpo"):
+            raise ValueError(
+                f"algorithm.name={self.algorithm.name!r} runs on trainer.backend='torch' only: "
+                "trainer.backend='fsdp' shards the policy alone (no critic, no DPO pairs)"
+            )
+        if self.trainer.backend == "fsdp" and self.rollout.pushes_weights:
+            raise ValueError(
+                f"rollout.weight_sync={self.rollout.weight_sync!r} needs trainer.backend="
+                "'torch': the fsdp ranks gather their weights into a blob; use 'blob'"
             )
         return self
 

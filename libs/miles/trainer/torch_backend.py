@@ -53,6 +53,7 @@ from miles.trainer.batch import (
     token_logprobs_and_entropy,
 )
 from miles.trainer.critic import Critic
+from miles.trainer.fsdp.parallel import DataParallel
 from miles.trainer.objective import (
     METRICS,
     MicroObjective,
@@ -89,7 +90,9 @@ class TorchTrainer:
         seed: int,
         update_fn: UpdateFn | None = None,
         trust_remote_code: bool = False,
+        parallel: DataParallel | None = None,
     ) -> None:
+        """``parallel``: this process is one FSDP rank (``miles.trainer.fsdp``); None: alone."""
         if trainer.threads:  # 0: as resolved by MilesConfig.cpu_threads, else torch's own
             torch.set_num_threads(trainer.threads)
         torch.manual_seed(seed)
@@ -116,6 +119,9 @@ class TorchTrainer:
             if isinstance(algorithm, PPO)
             else None
         )
+        self.parallel = parallel
+        if parallel is not None:  # after the reference copy, which stays whole on each rank
+            parallel.shard(self.model)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable,
@@ -286,9 +292,15 @@ class TorchTrainer:
         of samples for the sequence means. Token-mean statistics are weighted by token share.
         """
         totals = [0.0] * len(METRICS)
-        for micro in split(batch, self.trainer.micro_batch_size):
-            token_share = micro.num_tokens / batch.num_tokens
-            weight = share(
+        size = self.trainer.micro_batch_size
+        micro_batches = (
+            [(micro, 1.0) for micro in split(batch, size)]
+            if self.parallel is None
+            else self.parallel.micro_batches(batch, size)
+        )
+        for micro, factor in micro_batches:
+            token_share = factor * micro.num_tokens / batch.num_tokens
+            weight = factor * share(
                 algorithm.aggregation,
                 micro.num_tokens,
                 batch.num_tokens,
@@ -298,6 +310,8 @@ class TorchTrainer:
             objective = self._micro_batch_loss(micro, algorithm)
             (objective.loss * weight).backward()
             totals = combine(totals, weighted_values(objective, weight, token_share))
+        if self.parallel is not None:
+            totals = self.parallel.combine(totals)
         return measured(dict(zip(METRICS, totals, strict=True)), algorithm)
 
     def _micro_batch_loss(self, micro: TensorBatch, algorithm: PolicyGradient) -> MicroObjective:
