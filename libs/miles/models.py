@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from miles.config import MilesConfig, ModelConfig
+from miles.shards import INDEX_FILE
 
 if TYPE_CHECKING:  # transformers is slow to import
     from transformers import PreTrainedTokenizerBase
 
-INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
