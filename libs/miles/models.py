@@ -6,16 +6,15 @@ bytes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from miles import shards
 from miles.config import MilesConfig, ModelConfig
 
 if TYPE_CHECKING:  # transformers is slow to import
     from transformers import PreTrainedTokenizerBase
 
-INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
@@ -51,10 +50,8 @@ def model_problems(directory: Path, what: str = "model.path") -> list[str]:
     shard an index names must be there)."""
     if not (directory / "config.json").is_file():
         return [f"{what}: {directory} has no config.json: not a Hugging Face model directory"]
-    index = directory / INDEX_FILE
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (directory / s).is_file()]
+    if shards.has_weights(directory):  # one file, or an index of shards
+        missing = [path.name for path in shards.weight_files(directory) if not path.is_file()]
         if missing:
             return [f"{what}: {directory} lacks shards its index names: {', '.join(missing)}"]
         return []

@@ -18,7 +18,8 @@ from services.trainer.position import FullState, StepPlan
 
 @dataclass(frozen=True)
 class Weights:
-    """The step's HF weights directory in the blob store; ``sha256`` of ``model.safetensors``."""
+    """The step's HF weights directory in the blob store; ``sha256`` its digest
+    (``miles.shards.weights_digest``: of the one file, or of the index naming every shard's)."""
 
     uri: str
     sha256: str

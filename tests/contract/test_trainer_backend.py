@@ -4,7 +4,9 @@
 tensor-parallel Megatron-core rank actors on Ray, on CPU over gloo (``cpu_shims``): an
 integration test, as tests/integration/test_megatron.py; "fsdp" is ``FsdpRayGroup``, two FSDP2
 rank actors over gloo (an integration test too); "torch-lora" is ``TorchTrainer`` with
-``trainer.lora`` (adapters train, merged weights go out). All train the session's tiny Llama.
+``trainer.lora`` (adapters train, merged weights go out); "torch-sharded" is ``TorchTrainer``
+whose ``trainer.max_shard_bytes`` splits the weights into several shards and an index. All train
+the session's tiny Llama.
 
 What the trainer service relies on: a step moves the weights and reports the documented metrics;
 weights saved and loaded back are bit for bit the same, and the tensors a push sends are the
@@ -29,14 +31,16 @@ from typing import Any
 import pytest
 import torch
 from msgspec.structs import replace
-from safetensors.torch import load_file
 
+from miles import shards
 from miles.config import GRPO, LoraConfig, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
 
 SEED = 0
 TRAINER = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
+SMALL_SHARDS = 200_000
+"""Bytes: the tiny Llama's weights (2.6 MB in fp32) in a dozen shards."""
 GRPO = GRPO(
     kl_coef=0.1, old_logprobs="engine", aggregation="token_mean"
 )  # a reference model and ratios != 1
@@ -91,6 +95,9 @@ class Backends:
     def make(self, trainer: TrainerConfig = TRAINER) -> TrainerBackend:
         if self.kind == "torch":
             return TorchTrainer(str(self.model), trainer, GRPO, SEED)
+        if self.kind == "torch-sharded":
+            sharded = trainer.model_copy(update={"max_shard_bytes": SMALL_SHARDS})
+            return TorchTrainer(str(self.model), sharded, GRPO, SEED)
         if self.kind == "torch-lora":
             with_lora = trainer.model_copy(update={"lora": LoraConfig(rank=4)})
             return TorchTrainer(str(self.model), with_lora, GRPO, SEED)
@@ -134,6 +141,7 @@ class Backends:
     params=[
         pytest.param("torch", id="torch"),
         pytest.param("torch-lora", id="torch-lora"),
+        pytest.param("torch-sharded", id="torch-sharded"),
         pytest.param("megatron", id="megatron", marks=pytest.mark.integration),
         pytest.param("fsdp", id="fsdp", marks=pytest.mark.integration),
     ],
@@ -160,8 +168,9 @@ def weights(backend: TrainerBackend, directory: Path) -> dict[str, torch.Tensor]
     """What ``save_weights`` writes, checked against the digest it returns."""
     digest = backend.save_weights(str(directory))
     assert (directory / "config.json").is_file()
-    assert hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest() == digest
-    return load_file(directory / "model.safetensors")
+    assert shards.weights_digest(directory) == digest
+    shards.verify_weights(directory, digest)  # every shard, when there are several
+    return shards.read_weights(directory)
 
 
 def same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
@@ -192,18 +201,39 @@ def test_weights_saved_and_loaded_back_are_bit_for_bit_the_same(
     backend: TrainerBackend, tmp_path: Path
 ) -> None:
     saved = weights(backend, tmp_path / "saved")
-    digest = hashlib.sha256((tmp_path / "saved" / "model.safetensors").read_bytes()).hexdigest()
+    digest = shards.weights_digest(tmp_path / "saved")
     backend.train_step(make_samples(2))
     assert not same(weights(backend, tmp_path / "moved"), saved)
 
     backend.load_weights(str(tmp_path / "saved"))
 
     assert backend.save_weights(str(tmp_path / "again")) == digest
-    assert same(load_file(tmp_path / "again" / "model.safetensors"), saved)
+    assert same(shards.read_weights(tmp_path / "again"), saved)
     # A push sends the saved tensors under their HF names (a tied one may appear twice).
     named = backend.named_tensors()
     assert saved.keys() <= named.keys()
     assert all(torch.equal(named[name].cpu(), saved[name]) for name in saved)
+
+
+def test_weights_larger_than_max_shard_bytes_go_out_as_shards_and_an_index(
+    backends: Backends, tmp_path: Path
+) -> None:
+    with backends.fresh() as whole:
+        one = weights(whole, tmp_path / "one")
+    small = TRAINER.model_copy(update={"max_shard_bytes": SMALL_SHARDS})
+    with backends.fresh(small) as sharded:
+        several = weights(sharded, tmp_path / "several")
+        files = shards.weight_files(tmp_path / "several")
+        assert len(files) > 1 and (tmp_path / "several" / shards.INDEX_FILE).is_file()
+        assert not (tmp_path / "several" / shards.WEIGHTS_FILE).exists()
+        # A shard passes the bound only by its header, or by one tensor larger than the bound.
+        largest = max(t.numel() * t.element_size() for t in several.values())
+        assert all(f.stat().st_size <= max(SMALL_SHARDS, largest) + 4096 for f in files)
+        assert same(several, one)  # the same tensors, however they are split
+
+        sharded.load_weights(str(tmp_path / "one"))  # a backend reads either layout
+        sharded.load_weights(str(tmp_path / "several"))
+        assert same(weights(sharded, tmp_path / "again"), one)
 
 
 def test_weights_state_and_rng_give_a_bit_identical_next_step_in_a_fresh_backend(

@@ -21,14 +21,9 @@ from miles.runtime.bus import MemoryBroker, MemoryBus, NatsBus, connect_nats
 from miles.runtime.checkpoint import Manifests
 from miles.runtime.memory_store import MemoryRun, MemoryRunStore
 from miles.runtime.service import ServiceContext
+from miles.shards import WEIGHTS_FILE
 from miles.telemetry import Metrics
-from miles.weights.blobs import (
-    WEIGHTS_FILE,
-    BlobMissing,
-    BlobStore,
-    DirBlobStore,
-    ObjectBlobStore,
-)
+from miles.weights.blobs import BlobMissing, BlobStore, DirBlobStore, ObjectBlobStore
 from services.trainer.collection import collect
 
 pytestmark = pytest.mark.integration

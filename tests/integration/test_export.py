@@ -21,7 +21,8 @@ from miles.runtime import embedded
 from miles.runtime.bus import NatsBus, Unreachable, connect_nats
 from miles.runtime.checkpoint import Manifests
 from miles.runtime.store import connect_redis
-from miles.weights.blobs import WEIGHTS_FILE, BlobStore, ChecksumMismatch, sha256_file
+from miles.shards import WEIGHTS_FILE, ChecksumMismatch, sha256_file
+from miles.weights.blobs import BlobStore
 from miles.weights.export import ExportError
 from miles.weights.follow import make_blob_store
 

@@ -36,8 +36,9 @@ from miles.runtime.subjects import (
     ROLLOUT_CONSUMER,
     TRAINER_CONSUMER,
 )
+from miles.shards import WEIGHTS_FILE, sha256_file
 from miles.weights import batches
-from miles.weights.blobs import WEIGHTS_FILE, DirBlobStore, sha256_file
+from miles.weights.blobs import DirBlobStore
 from services.buffer.main import main as buffer_main
 from services.coordinator.main import main as coordinator_main
 from services.reward.main import main as reward_main

@@ -37,8 +37,9 @@ from miles.engine.sglang_client import (
 from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
 from miles.engine.sglang_server import tensor_checksum
 from miles.engine.shared_tensors import serialize_named_tensors
-from miles.engine.transformers_engine import WEIGHTS_FILE, TransformersEngine
+from miles.engine.transformers_engine import TransformersEngine
 from miles.runtime.embedded import free_port
+from miles.shards import WEIGHTS_FILE
 
 pytestmark = pytest.mark.integration
 

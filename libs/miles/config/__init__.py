@@ -333,6 +333,13 @@ class TrainerConfig(_Section):
         description="dtype of the model `miles run` exports to runs/<id>/final/ at the end "
         "(and the default of `miles export`).",
     )
+    max_shard_bytes: int = Field(
+        5 * 1024**3,
+        ge=1,
+        description="Largest safetensors file of the weights a step publishes: larger weights "
+        "go out as model-0000i-of-0000n.safetensors shards and an index (Hugging Face's layout; "
+        "miles.shards), the digest in manifests and events covering every shard.",
+    )
     lora: LoraConfig = Field(
         default_factory=LoraConfig,
         description="Low-rank adapters (torch backend): only they train; engines get the "

@@ -47,10 +47,11 @@ from aiohttp import web
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoTokenizer
 
+from miles import shards
 from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParams
 from miles.engine.sglang_client import WeightUpdateGroup
 from miles.engine.shared_tensors import load_named_tensors
-from miles.engine.transformers_engine import WEIGHTS_FILE, TransformersEngine
+from miles.engine.transformers_engine import TransformersEngine
 
 log = logging.getLogger("miles.sglang_server")
 T = TypeVar("T")
@@ -451,9 +452,9 @@ class LocalSGLangServer:
 
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
         body = await _body(request, _FromDisk)
-        weights = Path(body.model_path) / WEIGHTS_FILE
-        if not weights.is_file():
-            return _outcome(False, f"{weights} does not exist (a Hugging Face safetensors dir)")
+        weights = Path(body.model_path)
+        if not shards.has_weights(weights):
+            return _outcome(False, f"{weights} holds no weights (a Hugging Face safetensors dir)")
         if body.abort_all_requests:
             await self._abort_all()
         async with self._model_lock:

@@ -16,17 +16,14 @@ same values as the prompt alone. Finished rows are dropped from the batch and th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from miles import shards
 from miles.engine.protocol import GenerateOutput, GenerateRequest, SamplingParams
 from miles.engine.sampling import sample_next_token
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 class EnginePaused(RuntimeError):
@@ -102,8 +99,9 @@ class TransformersEngine:
         return self._generate(requests)
 
     def update_weights_from_disk(self, model_path: str, weight_version: int) -> None:
-        """Copy ``model_path/model.safetensors`` into the live parameters, in place."""
-        state = load_file(Path(model_path) / WEIGHTS_FILE)
+        """Copy ``model_path``'s weights (one file or shards: ``miles.shards``) into the live
+        parameters, in place."""
+        state = shards.read_weights(model_path)
         # Checked before copying anything, so a bad checkpoint leaves the served weights intact.
         missing = self._weight_names - state.keys() - self._tied_names
         unexpected = state.keys() - self._weight_names

@@ -13,33 +13,31 @@ store cannot hold beside the merged weights), so merged weights are what every p
 
 The adapter cannot be recovered from merged weights, so the weights directory carries it as
 well, in ``ADAPTER_FILE`` (safetensors, peft's names), under a name no HF loader globs
-(``*.safetensors``, ``*.bin``, ``*.pt``): SGLang and vLLM load ``model.safetensors`` alone.
-``model.safetensors``' metadata holds the adapter file's sha256, so the manifest's checksum of
-``model.safetensors`` covers both, and a resume (``load_weights``) restores the policy exactly,
-whatever ``trainer.checkpoint_every``.
+(``*.safetensors``, ``*.bin``, ``*.pt``): SGLang and vLLM load the merged weights alone. The
+weights' metadata (``miles.shards.weights_metadata``: the single file's header, or the shards'
+index) holds the adapter file's sha256, so the weights' digest in the manifest covers both, and
+a resume (``load_weights``) restores the policy exactly, whatever ``trainer.checkpoint_every``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, cast
 
 import peft
 import torch
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from miles import shards
 from miles.config import LoraConfig
+from miles.trainer.hf_weights import save_hf_weights
 
-WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.lora"
 ADAPTER_SHA256 = "miles_lora_adapter_sha256"
-"""The key of ``model.safetensors``' metadata that names ``ADAPTER_FILE``'s sha256."""
+"""The key of the weights' metadata that names ``ADAPTER_FILE``'s sha256."""
 ADAPTER = "default"
 """peft's name for the one adapter."""
 
@@ -95,36 +93,30 @@ def merged_tensors(policy: peft.PeftModel) -> dict[str, Tensor]:
     return tensors
 
 
-def save_weights(policy: peft.PeftModel, directory: str) -> str:
-    """``config.json``, the merged ``model.safetensors`` and ``ADAPTER_FILE`` into ``directory``;
-    returns the sha256 of ``model.safetensors``."""
+def save_weights(policy: peft.PeftModel, directory: str, max_shard_bytes: int) -> str:
+    """``config.json``, the merged weights and ``ADAPTER_FILE`` into ``directory``; returns the
+    weights' digest (``miles.shards``)."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     save_file(peft.get_peft_model_state_dict(policy), path / ADAPTER_FILE)
-    model = _hf_model(policy)
-    model.config.save_pretrained(path)
-    if model.can_generate():
-        model.generation_config.save_pretrained(path)
-    metadata = {"format": "pt", ADAPTER_SHA256: _sha256(path / ADAPTER_FILE)}
-    save_file(_unaliased(merged_tensors(policy)), path / WEIGHTS_FILE, metadata=metadata)
-    _sort_metadata(path / WEIGHTS_FILE)
-    return _sha256(path / WEIGHTS_FILE)
+    metadata = {ADAPTER_SHA256: shards.sha256_file(path / ADAPTER_FILE)}
+    tensors = merged_tensors(policy)
+    return save_hf_weights(_hf_model(policy), tensors, path, max_shard_bytes, metadata)
 
 
 def load_weights(policy: peft.PeftModel, directory: str, device: torch.device) -> None:
     """The adapter ``save_weights`` wrote, copied into the live adapter parameters (so the
     optimizer's references hold); the base weights are ``model.path``'s and never change."""
     path = Path(directory)
-    with safe_open(path / WEIGHTS_FILE, framework="pt") as weights:
-        expected = (weights.metadata() or {}).get(ADAPTER_SHA256)
+    expected = shards.weights_metadata(path).get(ADAPTER_SHA256)
     if expected is None:
         raise ValueError(
             f"{path} holds no LoRA adapter: these weights were not saved with trainer.lora on, "
             "and a LoRA trainer cannot take full weights (their adapter is not recoverable)"
         )
-    actual = _sha256(path / ADAPTER_FILE)
+    actual = shards.sha256_file(path / ADAPTER_FILE)
     if actual != expected:
-        raise ValueError(f"{path / ADAPTER_FILE}: sha256 {actual}, {WEIGHTS_FILE} names {expected}")
+        raise ValueError(f"{path / ADAPTER_FILE}: sha256 {actual}, the weights name {expected}")
     adapter = load_file(path / ADAPTER_FILE, device=str(device))
     names = peft.get_peft_model_state_dict(policy).keys()
     if adapter.keys() != names:
@@ -138,37 +130,3 @@ def load_weights(policy: peft.PeftModel, directory: str, device: torch.device) -
 def _hf_model(policy: peft.PeftModel) -> PreTrainedModel:
     """The HF model the adapters were put into (peft types it as a module or a tensor)."""
     return cast(PreTrainedModel, policy.get_base_model())
-
-
-def _unaliased(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each storage once, under its first name (safetensors refuses aliases): a tied
-    ``lm_head.weight`` is left out, as ``save_pretrained`` does, and loaders tie it back."""
-    seen: set[int] = set()
-    kept = {}
-    for name, tensor in tensors.items():
-        storage = tensor.untyped_storage().data_ptr()
-        if storage not in seen:
-            seen.add(storage)
-            kept[name] = tensor
-    return kept
-
-
-def _sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header in place with its metadata keys in order. safetensors
-    serialises the metadata from a Rust HashMap, whose order changes from one call to the next:
-    the same weights would get other bytes, and another sha256 than a replayed step's. Same keys,
-    values and length (the header is padded with spaces): only the order moves."""
-    with open(path, "r+b") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:
-            raise ValueError(f"{path}: the reordered header outgrew its {size} bytes")
-        handle.seek(8)
-        handle.write(text.ljust(size))
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

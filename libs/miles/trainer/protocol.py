@@ -3,8 +3,9 @@
 Two implementations: ``TorchTrainer`` (one process, the HF model) and ``MegatronRayGroup``
 (Megatron-core ranks as Ray actors); ``tests/contract/test_trainer_backend.py`` holds both to
 this contract. One ``train_step`` is one optimizer step on one batch; weights cross to the
-engines as an HF directory (``config.json`` + ``model.safetensors`` with HF parameter names),
-which the engine's ``update_weights_from_disk`` loads, or as the same tensors pushed live.
+engines as an HF directory (``config.json`` + safetensors with HF parameter names, one file or
+shards and an index: ``miles.shards``), which the engine's ``update_weights_from_disk`` loads,
+or as the same tensors pushed live.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ class TrainerBackend(Protocol):
         ...
 
     def save_weights(self, directory: str) -> str:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``; return the sha256
-        hex digest of ``model.safetensors``."""
+        """Write ``config.json`` and the weights (``miles.shards.write_weights``, shards of at
+        most ``trainer.max_shard_bytes``) into ``directory``; return their
+        ``miles.shards.weights_digest``."""
         ...
 
     def load_weights(self, directory: str) -> None:

@@ -27,10 +27,10 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
+from miles import shards
 from miles.algo import (
     aggregate,
     kl_estimate,
@@ -54,6 +54,7 @@ from miles.trainer.batch import (
 )
 from miles.trainer.critic import Critic
 from miles.trainer.fsdp.parallel import DataParallel
+from miles.trainer.hf_weights import save_hf_weights
 from miles.trainer.objective import (
     METRICS,
     MicroObjective,
@@ -72,7 +73,6 @@ PAD_ID = 0
 """Any valid id works: right padding follows every real token, so causal attention never lets a
 real position see it, and ``loss_mask`` drops the predictions made at padded positions."""
 
-WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -174,20 +174,16 @@ class TorchTrainer:
 
     def save_weights(self, directory: str) -> str:
         if self.lora is not None:
-            return lora.save_weights(self.lora, directory)
-        # transformers 5 always writes safetensors (``safe_serialization`` is gone) and keeps HF
-        # parameter names (``save_original_format=True`` by default).
-        self.model.save_pretrained(directory)
-        with open(Path(directory) / WEIGHTS_FILE, "rb") as weights:
-            return hashlib.file_digest(weights, "sha256").hexdigest()
+            return lora.save_weights(self.lora, directory, self.trainer.max_shard_bytes)
+        tensors = self.model.state_dict()
+        return save_hf_weights(self.model, tensors, directory, self.trainer.max_shard_bytes)
 
     def load_weights(self, directory: str) -> None:
         """Load policy weights in place; the optimizer moments and the reference are kept."""
         if self.lora is not None:
             lora.load_weights(self.lora, directory, self.device)
             return
-        # safetensors' load_model knows that tied parameters were saved once.
-        load_model(self.model, Path(directory) / WEIGHTS_FILE, device=str(self.device))
+        shards.load_module(self.model, directory, device=str(self.device))
 
     def named_tensors(self) -> dict[str, Tensor]:
         if self.lora is not None:

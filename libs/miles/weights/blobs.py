@@ -2,7 +2,8 @@
 
 Events carry a URI and a sha256; the payload never rides the event. ``file://`` URIs point at a
 directory; ``nats-os://<bucket>/<prefix>`` at objects named ``<prefix>/<file>``. Readers verify
-the sha256 of ``model.safetensors`` before they load anything.
+the weights' digest (``miles.shards.verify_weights``: every shard, however many) before they load
+anything.
 
 Names are ``<family>/<leaf>`` (``weights/v3-1a2b3c4d``, ``state/s3-1a2b3c4d``). Only the trainer
 writes and deletes them (``services/trainer/collection.py`` collects old steps); everyone else
@@ -11,7 +12,7 @@ reads.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import io
 import shutil
 from pathlib import Path
@@ -19,20 +20,16 @@ from typing import Protocol
 from urllib.parse import urlparse
 
 from miles.runtime.bus import ObjectBuckets
+from miles.shards import ChecksumMismatch, has_weights, sha256_file, verify_weights
 
-WEIGHTS_FILE = "model.safetensors"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class ChecksumMismatch(ValueError):
-    pass
+__all__ = [
+    "BlobMissing",
+    "BlobStore",
+    "ChecksumMismatch",
+    "DirBlobStore",
+    "ObjectBlobStore",
+    "sha256_file",
+]
 
 
 class BlobMissing(FileNotFoundError):
@@ -47,9 +44,10 @@ class BlobStore(Protocol):
         """
         ...
 
-    async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
-        """A local directory holding the blob, its file ``checked`` verified against ``sha256``;
-        ``BlobMissing`` when the store does not hold it."""
+    async def get_dir(self, uri: str, sha256: str, checked: str | None = None) -> Path:
+        """A local directory holding the blob, verified against ``sha256``: its weights
+        (``miles.shards``), or its one file ``checked``; ``BlobMissing`` when the store does not
+        hold it."""
         ...
 
     def uri(self, name: str) -> str:
@@ -87,9 +85,9 @@ class DirBlobStore:
     def uri(self, name: str) -> str:
         return (self.root / name).as_uri()
 
-    async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
+    async def get_dir(self, uri: str, sha256: str, checked: str | None = None) -> Path:
         path = Path(urlparse(uri).path)
-        if not (path / checked).is_file():
+        if not _present(path, checked):
             raise BlobMissing(f"{uri} is not in the blob store")
         _verify(path, sha256, checked)
         return path
@@ -125,12 +123,14 @@ class ObjectBlobStore:
     def uri(self, name: str) -> str:
         return f"nats-os://{self.bucket}/{name}"
 
-    async def get_dir(self, uri: str, sha256: str, checked: str = WEIGHTS_FILE) -> Path:
+    async def get_dir(self, uri: str, sha256: str, checked: str | None = None) -> Path:
         parsed = urlparse(uri)
         name = parsed.path.lstrip("/")
         target = self.cache_dir / name
-        if (target / checked).exists() and sha256_file(target / checked) == sha256:
-            return target
+        if _present(target, checked):
+            with contextlib.suppress(ChecksumMismatch, FileNotFoundError):
+                _verify(target, sha256, checked)
+                return target
         store = await self.buckets.objects(parsed.netloc)
         staging = self.cache_dir / f".{name.replace('/', '_')}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -163,7 +163,14 @@ class ObjectBlobStore:
         shutil.rmtree(self.cache_dir / name, ignore_errors=True)
 
 
-def _verify(directory: Path, sha256: str, checked: str) -> None:
+def _present(directory: Path, checked: str | None) -> bool:
+    return has_weights(directory) if checked is None else (directory / checked).is_file()
+
+
+def _verify(directory: Path, sha256: str, checked: str | None) -> None:
+    if checked is None:
+        verify_weights(directory, sha256)
+        return
     actual = sha256_file(directory / checked)
     if actual != sha256:
         raise ChecksumMismatch(f"{directory / checked}: sha256 {actual}, expected {sha256}")

@@ -3,10 +3,10 @@ loads: the step's weights in the dtype asked for, its ``config.json``, the token
 a ``generation_config.json``, plus ``miles_export.json`` saying which run and step it is.
 
 The caller hands in the step's weights directory as the blob store returned it, its sha256
-already verified against the manifest. Weights there are HF-named safetensors, one
-``model.safetensors`` or the shards a ``model.safetensors.index.json`` names; both are read
-tensor by tensor, and the export is written in shards of at most ``SHARD_BYTES`` (one file when
-it fits, as ``save_pretrained`` does), so memory holds one shard at a time. Everything is written
+already verified against the manifest. Weights there are HF-named safetensors, one file or
+shards and their index (``miles.shards``); they are read tensor by tensor, and the export is
+written in shards of at most ``SHARD_BYTES`` (one file when it fits, as ``save_pretrained``
+does), so memory holds one shard at a time. Everything is written
 into a staging directory renamed into place at the end: a reader sees the whole export or none.
 """
 
@@ -19,15 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from miles.models import INDEX_FILE
-from miles.weights.blobs import WEIGHTS_FILE
+from miles import shards
 
 if TYPE_CHECKING:  # torch is slow to import, and every `miles` command imports this module
     from torch import Tensor
 
 ExportDtype = Literal["bf16", "fp16", "fp32"]
 CONFIG_DTYPES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-SHARD_BYTES = 5 * 1024**3
+SHARD_BYTES = shards.MAX_SHARD_BYTES
 """Largest shard written (transformers' default ``max_shard_size``)."""
 MARKER = "miles_export.json"
 """Names the run, step, source sha256 and dtype; its presence marks a directory as an export,
@@ -51,61 +50,13 @@ class ExportError(ValueError):
     """An export that cannot be made, with what to do about it."""
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a HF weights directory: ``model.safetensors``, or the shards its
-    index names."""
-    index = directory / INDEX_FILE
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [directory / shard for shard in shards]
-    return [directory / WEIGHTS_FILE]
-
-
 def read_tensors(directory: Path, dtype: ExportDtype) -> Iterator[tuple[str, Tensor]]:
     """Every tensor of ``directory``'s weights, floating ones cast to ``dtype``, one at a time."""
     import torch
-    from safetensors import safe_open
 
     target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    for path in weight_files(directory):
-        with safe_open(str(path), framework="pt") as weights:
-            for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensor = weights.get_tensor(name)
-                yield name, tensor.to(target) if tensor.is_floating_point() else tensor
-
-
-def write_weights(tensors: Iterator[tuple[str, Tensor]], out: Path, shard_bytes: int) -> None:
-    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards and their index."""
-    from safetensors.torch import save_file
-
-    shards: list[list[str]] = []  # each shard's tensor names; its file is named at the end
-    shard: dict[str, Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        save_file(shard, str(out / f"shard-{len(shards)}.tmp"), metadata={"format": "pt"})
-        shards.append(list(shard))
-        shard.clear()
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > shard_bytes:
-            flush()
-            size = 0
-        shard[name] = tensor.contiguous()
-        size += nbytes
-        total += nbytes
-    flush()
-    if len(shards) == 1:
-        (out / "shard-0.tmp").rename(out / WEIGHTS_FILE)
-        return
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        (out / f"shard-{i}.tmp").rename(out / file)
-        weight_map |= dict.fromkeys(names, file)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    for name, tensor in shards.iter_weights(directory):
+        yield name, tensor.to(target) if tensor.is_floating_point() else tensor
 
 
 def model_config(source: Path, dtype: ExportDtype) -> dict[str, Any]:
@@ -157,7 +108,7 @@ def write_model(
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    write_weights(read_tensors(source, dtype), staging, shard_bytes)
+    shards.write_weights(read_tensors(source, dtype), staging, shard_bytes)
     config = model_config(source, dtype)
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = generation_config(base, config)

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from miles import shards
 from miles.engine.protocol import GenerateRequest, SamplingParams
 from miles.engine.transformers_engine import EnginePaused, TransformersEngine
 
@@ -181,6 +182,38 @@ def test_update_weights_from_disk_matches_fresh_engine(
     assert all(output.weight_version == 7 for output in after)
     assert after[0].output_token_logprobs != pytest.approx(before[0].output_token_logprobs)
     assert [o.output_ids for o in after] == [o.output_ids for o in fresh]
+    assert [o.output_token_logprobs for o in after] == [o.output_token_logprobs for o in fresh]
+
+
+def test_update_weights_from_disk_loads_sharded_weights(
+    build_model, tmp_path: Path, encode
+) -> None:
+    """Weights in several shards and an index (``trainer.max_shard_bytes``) load as one file
+    does: the engine ends where a fresh engine on the same directory starts."""
+    base_dir = build_model(tmp_path / "base")
+    engine = TransformersEngine(str(base_dir))
+    perturbed = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in perturbed.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    new_dir = tmp_path / "step-1"
+    perturbed.config.save_pretrained(new_dir)
+    tensors = shards.unaliased(perturbed.state_dict())
+    shards.write_weights(tensors.items(), new_dir, max_shard_bytes=1_000)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (new_dir / name).write_bytes((base_dir / name).read_bytes())
+    assert len(shards.weight_files(new_dir)) > 1
+
+    engine.update_weights_from_disk(str(new_dir), weight_version=3)
+
+    live = engine._model.state_dict()
+    assert all(torch.equal(live[name], tensor) for name, tensor in tensors.items())
+    requests = [
+        make_request(str(i), encode(p), max_new_tokens=8, sampling_seed=i)
+        for i, p in enumerate(PROMPTS)
+    ]
+    fresh = TransformersEngine(str(new_dir), weight_version=3).generate(requests)
+    after = engine.generate(requests)
     assert [o.output_token_logprobs for o in after] == [o.output_token_logprobs for o in fresh]
 
 

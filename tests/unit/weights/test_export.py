@@ -12,9 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from miles.models import INDEX_FILE
-from miles.weights.blobs import WEIGHTS_FILE
-from miles.weights.export import MARKER, ExportError, weight_files, write_model
+from miles.shards import INDEX_FILE, WEIGHTS_FILE, verify_weights, weight_files
+from miles.weights.export import MARKER, ExportError, write_model
 
 PROVENANCE = {"run_id": "r", "step": 3, "weights_sha256": "0" * 64}
 PROMPT = "12+34="
@@ -81,6 +80,30 @@ def test_sharded_weights_are_read_and_written_through_an_index(
     generation = json.loads((out / "generation_config.json").read_text())  # no base model given
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (1, 0)
     assert "bos_token_id" not in generation  # None in the model's config
+
+
+def test_a_sharded_step_exports_to_a_model_from_pretrained_loads(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A step the trainer wrote in shards (``trainer.max_shard_bytes``) is itself a HF model
+    directory, and exports to one whole file, or to shards again."""
+    from miles.config import GRPO, TrainerConfig
+    from miles.trainer import TorchTrainer
+
+    trainer = TrainerConfig(threads=1, max_shard_bytes=200_000)
+    step = tmp_path / "step"
+    digest = TorchTrainer(str(tiny_model), trainer, GRPO(), 0).save_weights(str(step))
+    verify_weights(step, digest)
+    assert len(weight_files(step)) > 1
+    expected = logits(tiny_model, torch.float32)
+    assert torch.equal(logits(step, torch.float32, tokenizer=tiny_model), expected)
+
+    whole = write_model(step, tmp_path / "whole", "fp32", tiny_model, None, PROVENANCE)
+    assert weight_files(whole) == [whole / WEIGHTS_FILE]
+    assert torch.equal(logits(whole, torch.float32), expected)
+    split = write_model(step, tmp_path / "split", "fp32", tiny_model, None, PROVENANCE, 300_000)
+    assert len(weight_files(split)) > 1
+    assert torch.equal(logits(split, torch.float32), expected)
 
 
 def test_an_earlier_export_is_replaced_and_anything_else_refused(

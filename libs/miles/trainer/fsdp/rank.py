@@ -21,7 +21,6 @@ from typing import Any, cast
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,11 +31,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 
+from miles import shards
 from miles.config import Algorithm, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.fsdp.parallel import DataParallel
+from miles.trainer.hf_weights import save_hf_weights
 from miles.trainer.protocol import StepMetrics
-from miles.trainer.torch_backend import WEIGHTS_FILE, TorchTrainer
+from miles.trainer.torch_backend import TorchTrainer
 
 STATE_FILE = "fsdp_state.json"
 """The digests of the DCP files of a ``save_state`` directory, and rank 0's RNG."""
@@ -84,21 +85,20 @@ class FsdpTrainer:
         """Gathered on every rank (a collective), written by rank 0; its digest on every rank."""
         full = get_model_state_dict(self.torch.model, options=FULL)
         if self.rank == 0:
-            # A tied head is written once, under its embedding's name, as the torch backend
-            # writes it: save_pretrained keeps every key of a state dict it is given.
+            # A tied head is one parameter under two names; the files hold it once.
             model = self.torch.model
-            kept = {name for name, _ in model.named_parameters()}  # tied ones once
-            tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
-            untied = {name: tensor for name, tensor in full.items() if name not in tied}
-            model.save_pretrained(directory, state_dict=untied)
+            kept = {name for name, _ in model.named_parameters()}
+            kept |= {name for name, _ in model.named_buffers()}
+            # Every value of a model's full state dict is a tensor.
+            tensors = {name: cast(Tensor, value) for name, value in full.items() if name in kept}
+            save_hf_weights(model, tensors, directory, self.torch.trainer.max_shard_bytes)
         dist.barrier()
-        with open(Path(directory) / WEIGHTS_FILE, "rb") as weights:
-            return hashlib.file_digest(weights, "sha256").hexdigest()
+        return shards.weights_digest(Path(directory))
 
     def load_weights(self, directory: str) -> None:
-        """Every rank reads the whole file and keeps its shards (a tied head is missing from
-        the file and shares the embedding's parameter, hence ``strict=False``)."""
-        full: dict[str, Any] = dict(load_file(Path(directory) / WEIGHTS_FILE))
+        """Every rank reads the whole weights and keeps its shards (a tied head is missing from
+        the files and shares the embedding's parameter, hence ``strict=False``)."""
+        full: dict[str, Any] = dict(shards.read_weights(directory))
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.torch.model, full, options=options)
 

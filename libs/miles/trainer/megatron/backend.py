@@ -121,11 +121,13 @@ class MegatronTrainer:
             group["lr"] = self.trainer.lr * factor
 
     def save_weights(self, directory: str) -> str:
-        """HF-named ``model.safetensors`` and ``config.json``, written by rank 0; its sha256."""
+        """HF-named safetensors and ``config.json``, written by rank 0; their digest."""
         tensors = hf_io.gather_hf_weights(self.model, self.arch)
         digest = [""]
         if dist.get_rank() == 0:
-            digest[0] = hf_io.write_hf_weights(directory, tensors, self.hf_config)
+            digest[0] = hf_io.write_hf_weights(
+                directory, tensors, self.hf_config, self.trainer.max_shard_bytes
+            )
         dist.broadcast_object_list(digest, src=0)
         return str(digest[0])
 

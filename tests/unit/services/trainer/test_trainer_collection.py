@@ -16,8 +16,9 @@ from miles.runtime import faults
 from miles.runtime.bus import MemoryBroker, MemoryBus
 from miles.runtime.memory_store import MemoryManifests, MemoryRun, MemoryRunStore
 from miles.runtime.service import ServiceContext
+from miles.shards import WEIGHTS_FILE, sha256_file
 from miles.telemetry import Metrics
-from miles.weights.blobs import WEIGHTS_FILE, DirBlobStore, sha256_file
+from miles.weights.blobs import DirBlobStore
 from services.trainer.collection import collect
 
 RUN = "run"

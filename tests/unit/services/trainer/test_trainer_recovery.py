@@ -52,7 +52,7 @@ class Blobs:
     def __init__(self, calls: Calls) -> None:
         self.calls = calls
 
-    async def get_dir(self, uri: str, sha256: str, checked: str = "model.safetensors") -> Path:
+    async def get_dir(self, uri: str, sha256: str, checked: str | None = None) -> Path:
         self.calls.made.append(("get_dir", uri, sha256, checked))
         return Path("/local") / uri.rsplit("/", 1)[-1]
 
@@ -103,7 +103,7 @@ async def test_resume_loads_weights_then_the_full_state_checked_by_its_file_then
     position = await resume(Actor(calls), Blobs(calls), manifest(4, state_step=4))
     assert position == ResumeState(4, FullState("file:///blobs/state/s4-a", "s" * 64, 4))
     assert calls.made == [
-        ("get_dir", "file:///blobs/weights/v4-a", "w" * 64, "model.safetensors"),
+        ("get_dir", "file:///blobs/weights/v4-a", "w" * 64, None),  # the weights' layout
         ("load_weights", "/local/v4-a", 4),  # the actor now holds step 4
         ("state_file_name",),  # the backend's file that stands for its state directory
         ("get_dir", "file:///blobs/state/s4-a", "s" * 64, "state.sha256"),
