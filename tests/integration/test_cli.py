@@ -3,6 +3,8 @@ missing."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shlex
 import signal
@@ -11,11 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import nats
 import pytest
 
+from miles import events
 from miles.cli.run import family
 from miles.runtime import embedded
 from miles.runtime.service import SERVICES
+from miles.runtime.subjects import Subjects
 
 pytestmark = pytest.mark.integration
 RECIPE = Path(__file__).parents[2] / "examples" / "addition" / "recipe.py"
@@ -175,6 +180,50 @@ def test_sigterm_stops_the_run_its_services_and_servers(tmp_path: Path, ray_clus
     resume = shlex.join(["miles", "run", "--resume", "termed", *where, "--quiet"])
     assert f"the run did not finish: SIGTERM received. Continue it with: {resume}\n" in output
     assert not [pid for pid in started if running(pid)]
+
+
+def test_a_stop_control_event_ends_the_run_with_why_and_the_resume_line(
+    tmp_path: Path, ray_cluster: str
+) -> None:
+    """Every service exits 0 on a stop control event; `miles run` says the run did not finish,
+    why, and how to continue it, and exits 1 (it once printed a normal summary and no hint)."""
+    env = os.environ | {"RAY_ADDRESS": ray_cluster}
+    for name in ("NATS_URL", "REDIS_URL"):
+        env.pop(name, None)
+    where = ["--output-dir", str(tmp_path), "--set", f"run.output_dir='{tmp_path}'"]
+    command = [sys.executable, "-m", "miles.cli", "run", "--quiet", str(RECIPE)]
+    command += ["--run-id", "halted", *where[2:]]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        coordinator_log = tmp_path / "halted" / "logs" / "coordinator.log"
+        deadline = time.monotonic() + 120
+        while "run halted created" not in (
+            coordinator_log.read_text() if coordinator_log.exists() else ""
+        ):
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the coordinator did not start in 120 s"
+            time.sleep(0.2)
+        config = json.loads((tmp_path / "halted" / "config.json").read_text())
+        asyncio.run(send_stop(config["infra"]["nats_url"], "halted", "operator: maintenance"))
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, output[-3000:]
+    resume = shlex.join(["miles", "run", "--resume", "halted", *where, "--quiet"])
+    [ending] = [line for line in output.splitlines() if "the run did not finish" in line]
+    assert ending.startswith("miles: the run did not finish: stopped by a stop control event at ")
+    assert ending.endswith(f"(operator: maintenance). Continue it with: {resume}")
+
+
+async def send_stop(nats_url: str, run_id: str, reason: str) -> None:
+    nc = await nats.connect(nats_url)
+    stop = events.Control(run_id=run_id, policy_version=0, command="stop", reason=reason)
+    await nc.publish(Subjects(run_id).control("stop"), events.encode(stop))
+    await nc.flush()
+    await nc.close()
 
 
 def running(pid: int) -> bool:
