@@ -1,7 +1,7 @@
 """FSDP ranks as Ray actors in one placement group, driven as one ``TrainerBackend``.
 
 The orchestration of ``miles.trainer.megatron.ray_group``: one bundle and one actor per rank
-(``PACK``), rank 0 picks the rendezvous address, every rank builds its ``FsdpTrainer``
+(``miles.trainer.rank_actors``), rank 0 picks the rendezvous address, every rank builds its ``FsdpTrainer``
 concurrently, and every call goes to every rank at once (FSDP's all-gathers and reduce-scatters
 need all of them), the group returning rank 0's answer. One shared filesystem for the model and
 the checkpoints.
@@ -12,16 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-import ray.exceptions
 from ray import ObjectRef
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 from torch import Tensor
 
 from miles.config import Algorithm, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.fsdp import rank as fsdp_rank
 from miles.trainer.protocol import StepMetrics
+from miles.trainer.rank_actors import place_ranks
 
 
 class FsdpRank:
@@ -61,9 +60,6 @@ class FsdpRank:
         return getattr(self.backend, method)(*args)
 
 
-PLACEMENT_TIMEOUT_SECONDS = 120.0
-
-
 class FsdpRayGroup:
     """The ``TrainerBackend`` over ``world_size`` FSDP rank actors."""
 
@@ -81,32 +77,9 @@ class FsdpRayGroup:
         trust_remote_code: bool = False,
     ) -> None:
         bundle = {"CPU": cpus_per_rank} | ({"GPU": gpus_per_rank} if gpus_per_rank else {})
-        self.placement_group: PlacementGroup = placement_group(
-            [bundle] * world_size, strategy="PACK"
+        self.placement_group, self.ranks = place_ranks(
+            FsdpRank, world_size, bundle, "FSDP ranks", "trainer.fsdp_ranks"
         )
-        try:
-            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_SECONDS)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement_group)
-            raise RuntimeError(
-                f"cannot reserve {world_size} FSDP ranks x {bundle} within "
-                f"{PLACEMENT_TIMEOUT_SECONDS:.0f}s; the cluster has "
-                f"{ray.available_resources().get('CPU', 0):.2f} CPUs free: lower trainer.num_cpus, "
-                "rollout.engine_num_cpus or trainer.fsdp_ranks"
-            ) from None
-        remote = ray.remote(FsdpRank)
-        self.ranks: list[Any] = [
-            remote.options(
-                num_cpus=cpus_per_rank,
-                num_gpus=gpus_per_rank,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group,
-                    placement_group_bundle_index=rank,
-                ),
-            ).remote()
-            for rank in range(world_size)
-        ]
         init_method = ray.get(self.ranks[0].rendezvous_address.remote())
         ray.get(
             [

@@ -16,10 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-import ray.exceptions
 from ray import ObjectRef
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 from torch import Tensor
 
 from miles.config import Algorithm, TrainerConfig
@@ -29,6 +27,7 @@ from miles.trainer.megatron.backend import MegatronTrainer
 from miles.trainer.megatron.checkpoint import STATE_FILE
 from miles.trainer.megatron.model import MegatronLayout
 from miles.trainer.protocol import StepMetrics
+from miles.trainer.rank_actors import place_ranks
 
 
 class MegatronRank:
@@ -92,9 +91,6 @@ class MegatronRank:
         self.backend.set_rng_state(encoded)
 
 
-PLACEMENT_TIMEOUT_SECONDS = 120.0
-
-
 class MegatronRayGroup:
     """The ``TrainerBackend`` over ``layout.world_size`` rank actors."""
 
@@ -109,31 +105,13 @@ class MegatronRayGroup:
         layout: MegatronLayout,
         cpus_per_rank: float = 1.0,
     ) -> None:
-        self.placement_group: PlacementGroup = placement_group(
-            [{"CPU": cpus_per_rank}] * layout.world_size, strategy="PACK"
+        self.placement_group, self.ranks = place_ranks(
+            MegatronRank,
+            layout.world_size,
+            {"CPU": cpus_per_rank},
+            "trainer ranks",
+            "the layout",
         )
-        try:
-            ray.get(self.placement_group.ready(), timeout=PLACEMENT_TIMEOUT_SECONDS)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement_group)
-            raise RuntimeError(
-                f"cannot reserve {layout.world_size} trainer ranks x {cpus_per_rank} CPUs within "
-                f"{PLACEMENT_TIMEOUT_SECONDS:.0f}s; the cluster has "
-                f"{ray.available_resources().get('CPU', 0):.2f} CPUs free: lower trainer.num_cpus, "
-                "rollout.engine_num_cpus or the layout"
-            ) from None
-        remote = ray.remote(MegatronRank)
-        self.ranks: list[Any] = [
-            remote.options(
-                num_cpus=cpus_per_rank,
-                max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group,
-                    placement_group_bundle_index=rank,
-                ),
-            ).remote()
-            for rank in range(layout.world_size)
-        ]
         init_method = ray.get(self.ranks[0].rendezvous_address.remote())
         ray.get(
             [
