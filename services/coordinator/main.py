@@ -34,7 +34,9 @@ log = logging.getLogger("miles.coordinator")
 async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
-    created = await store.create_run(config.hash(), config.model_dump_json())
+    # Not its infra URLs: they carry its passwords, and `miles status` (the operator) reads this.
+    public = config.model_dump_json(exclude={"infra": {"nats_url", "redis_url"}})
+    created = await store.create_run(config.hash(), public)
     # The prompts need it for chat templates and data.max_prompt_tokens, DPO's pairs always.
     tokenizer = load_tokenizer(config.model) if config.model.path is not None else None
     train = train_source(config, ctx.recipe, bus.subjects, ctx.run_id, tokenizer)

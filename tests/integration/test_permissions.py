@@ -223,10 +223,12 @@ def test_each_forbidden_redis_access_gets_noperm(servers: Servers, identity: str
     commands = TABLE[identity].redis.commands
     write = ("SET", "v") if "set" in commands else ("HSET", "field", "v")
     read = ("GET",) if "get" in commands else ("HGET", "field")
+    # The operator may send no write command at all: Redis refuses the command before the key.
+    denied = "access one of the keys" if write[0].lower() in commands else "no permissions to run"
     refused = 0
     for key in run_keys(RUN):
         if not may_write(TABLE[identity], key):
-            with pytest.raises(redis.exceptions.NoPermissionError, match="access one of the keys"):
+            with pytest.raises(redis.exceptions.NoPermissionError, match=denied):
                 client.execute_command(write[0], key, *write[1:])
             refused += 1
         if not may_read(TABLE[identity], key):
