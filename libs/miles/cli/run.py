@@ -1,8 +1,12 @@
 """`miles run`: everything on this machine, each service its own OS process.
 
 resolve the config and run the recipe's @miles.setup (or, with --resume, read both back)
-start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head
+start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head; the
+    embedded servers get one user per service (runtime/permissions.py) and an admin, this
+    launcher: its URLs stay here, config.json holds none (`miles status` takes the operator's
+    from <run_dir>/redis/urls.json)
 start the five services with `miles serve`, each with its own /metrics port (metrics_ports.json)
+    and its own NATS_URL / REDIS_URL
 supervise: restart a crashed service, or a crashed embedded server on its own store, with
     backoff, a log line and a count
 show live progress until the coordinator reports the run finished
