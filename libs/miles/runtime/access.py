@@ -9,9 +9,14 @@ from collections.abc import Iterable, Mapping
 
 from miles.runtime.permissions import Rights
 
-DEFAULT_USER_OFF = "user default off resetpass resetkeys resetchannels -@all"
-"""Redis's ``default`` user is the one a client without credentials is: switched off, so an
-unauthenticated connection can do nothing but authenticate."""
+DEFAULT_USER_OFF = "user default off resetpass ~* &* +@all"
+"""Redis's ``default`` user is the one a client without credentials is: switched off (and
+without a password), so an unauthenticated connection can do nothing but authenticate, and no
+one can authenticate as it, whatever its rights. Its rights are all: Redis 7.0 replays the AOF
+as a client of this user and checks each ``EXEC`` against it, so with ``-@all`` every
+transaction in the AOF (Lua scripts' effects included: the commits) was dropped on a restart
+("-NOPERM ACLs rules changed between the moment the transaction was accumulated and the EXEC
+call" in redis.log)."""
 
 
 def nats_authorization(rights: Iterable[Rights], passwords: Mapping[str, str]) -> str:
