@@ -50,7 +50,9 @@ def ledger_types(subjects: Subjects) -> dict[str, type[events.Event]]:
 async def main(ctx: ServiceContext) -> None:
     config, bus, store = ctx.config, ctx.bus, ctx.store
     await bus.ensure_topology()
-    created = await store.create_run(config.hash(), config.model_dump_json())
+    # Not its infra URLs: they carry its passwords, and `miles status` (the operator) reads this.
+    public = config.model_dump_json(exclude={"infra": {"nats_url", "redis_url"}})
+    created = await store.create_run(config.hash(), public)
     if not created and await store.status() in ("drained", "stopped"):  # resumed
         await store.update(status="running", stop_reason="", drain_step=0, paused=0)
     ctx.on_stop.append(functools.partial(record_stop, store))

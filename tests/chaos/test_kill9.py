@@ -13,7 +13,7 @@ must commit bit-identical weights at every step: the baseline's sha256s are the 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,6 +24,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from miles.cli.run import family
 from miles.runtime import embedded
 from miles.runtime.store import RunKeys
 
@@ -172,13 +173,7 @@ def test_interrupted_run_resumes_from_its_latest_manifest(
     run_dir = chaos.root / run_id
 
     def interrupt(process: subprocess.Popen[str]) -> None:
-        while (
-            not (run_dir / "config.json").exists()
-            or "redis://" not in (run_dir / "config.json").read_text()
-        ):
-            time.sleep(0.2)
-        url = json.loads((run_dir / "config.json").read_text())["infra"]["redis_url"]
-        _wait_for_step(url, run_id, 2)
+        _wait_for_step(_embedded_admin_redis(run_dir), run_id, 2)
         process.send_signal(signal.SIGINT)
 
     first = chaos.run(run_id, during=interrupt, embedded_servers=True)
@@ -192,18 +187,56 @@ def test_interrupted_run_resumes_from_its_latest_manifest(
     resumed_at = int(trainer_log.split("trainer resumed at step ")[-1].split()[0])
     assert 2 <= resumed_at < STEPS
 
-    # Read the run back from its own store and AOF, as the resumed run left them.
-    nats = embedded.start_nats(run_dir / "nats")
-    store = embedded.start_redis(run_dir / "redis")
+    assert "redis://" not in (run_dir / "config.json").read_text()  # admin's URL stays out
+    assert _read_back(chaos, Finished(run_id, run_dir, 0, "", {})) == baseline
+
+
+def test_embedded_redis_killed_is_restarted_with_each_service_s_user(
+    chaos: Chaos, baseline: list[str]
+) -> None:
+    """`miles run` embeds its servers, each service on its own ACL user: redis-server SIGKILLed
+    mid-run comes back on its AOF and ACL file (the launcher restarts it), and every service
+    goes on without a denial (scripts reloaded into the empty script cache included)."""
+    run_id = "embedded-redis-kill"
+    run_dir = chaos.root / run_id
+    killed: list[int] = []
+
+    def kill_redis(process: subprocess.Popen[str]) -> None:
+        _wait_for_step(_embedded_admin_redis(run_dir), run_id, 2)
+        for pid in family(process.pid):
+            with contextlib.suppress(OSError):
+                if b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+    finished = chaos.run(run_id, during=kill_redis, embedded_servers=True)
+    assert killed, "no embedded redis-server was found: nothing was tested"
+    assert finished.summary["restarts"]["redis-server"] == 1
+    for service in ("coordinator", "rollout", "reward", "buffer", "trainer"):
+        assert "NOPERM" not in finished.log(service), service
+    assert "Violation" not in (run_dir / "nats" / "nats.log").read_text()
+    assert _read_back(chaos, finished) == baseline
+
+
+def _embedded_admin_redis(run_dir: Path) -> str:
+    """The admin's URL of the redis-server `miles run` embedded in ``run_dir``, once started."""
+    while not (run_dir / "redis" / "urls.json").exists():
+        time.sleep(0.2)
+    _, url = embedded.service_urls(run_dir, embedded.ADMIN)
+    assert url is not None
+    return url
+
+
+def _read_back(chaos: Chaos, finished: Finished) -> list[str]:
+    """``check`` of a run whose servers `miles run` embedded: read back from their own store
+    and AOF, as the run left them."""
+    nats = embedded.start_nats(finished.run_dir / "nats")
+    store = embedded.start_redis(finished.run_dir / "redis")
     try:
-        weights = check(
-            Chaos(nats, store, chaos.ray_address, chaos.root),
-            Finished(run_id, run_dir, 0, "", {}),
-        )
+        return check(Chaos(nats, store, chaos.ray_address, chaos.root), finished)
     finally:
         nats.stop()
         store.stop()
-    assert weights == baseline
 
 
 def test_trainer_actor_killed_is_restarted_by_ray_and_resumed(

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from miles.runtime.permissions import IDENTITIES
+
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = ("coordinator", "rollout", "reward", "buffer", "trainer")
@@ -45,7 +47,7 @@ def test_compose_wires_observability() -> None:
         environment = services[name]["environment"]
         assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
         assert int(environment["MILES_METRICS_PORT"]) == ports[name]
-        assert environment["NATS_URL"].startswith("nats://")  # the shared env is merged in
+        assert environment["RAY_ADDRESS"] == "ray-head:6380"  # the shared env is merged in
     collector = yaml.safe_load((ROOT / "deploy" / "otel-collector.yaml").read_text())
     assert collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
     # Every named volume is declared; every bind mount exists in the repo.
@@ -58,7 +60,10 @@ def test_compose_wires_observability() -> None:
                 assert source in compose["volumes"], (name, source)
     # The secrets compose requires are all in the example env file.
     example = (ROOT / "deploy" / "compose.env.example").read_text()
-    for secret in ("NATS_PASSWORD", "REDIS_PASSWORD", "RAY_AUTH_TOKEN", "GRAFANA_PASSWORD"):
+    passwords = [
+        f"{system}_{i.upper()}_PASSWORD" for system in ("NATS", "REDIS") for i in IDENTITIES
+    ]
+    for secret in (*passwords, "RAY_AUTH_TOKEN", "GRAFANA_PASSWORD"):
         assert f"{secret}=" in example
         assert f"${{{secret}:?" in COMPOSE.read_text()
 

@@ -1,8 +1,12 @@
 """`miles run`: everything on this machine, each service its own OS process.
 
 resolve the config and run the recipe's @miles.setup (or, with --resume, read both back)
-start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head
+start nats-server and redis-server (unless NATS_URL / REDIS_URL) and a local Ray head; the
+    embedded servers get one user per service (runtime/permissions.py) and an admin, this
+    launcher: its URLs stay here, config.json holds none (`miles status` takes the operator's
+    from <run_dir>/redis/urls.json)
 start the five services with `miles serve`, each with its own /metrics port (metrics_ports.json)
+    and its own NATS_URL / REDIS_URL
 supervise: restart a crashed service, or a crashed embedded server on its own store, with
     backoff, a log line and a count
 show live progress until the coordinator reports the run finished
@@ -190,11 +194,13 @@ def run(args: argparse.Namespace) -> int:
     following: track.Follower | None = None
     started_ray = False
     try:
+        # Each service gets its own user on the embedded servers (permissions.py); the
+        # launcher keeps admin's URLs, which the services' config.json does not carry.
         if plan.embedded_nats:
-            servers.append(embedded.start_nats(run_dir / "nats"))
+            servers.append(embedded.start_nats(run_dir / "nats", run_id=run_id))
             config.infra.nats_url = servers[-1].url
         if plan.embedded_redis:
-            servers.append(embedded.start_redis(run_dir / "redis"))
+            servers.append(embedded.start_redis(run_dir / "redis", run_id=run_id))
             config.infra.redis_url = servers[-1].url
         if not config.infra.ray_address:
             config.infra.ray_address = raycluster.start_local(run_dir)
@@ -213,10 +219,10 @@ def run(args: argparse.Namespace) -> int:
         if status == "drained":  # before any service reads it as "stop" (its coordinator too)
             client.hset(RunKeys(run_id).record, mapping={"status": "running", "drain_step": 0})
         config_path = run_dir / "config.json"
-        config_path.write_text(config.model_dump_json(indent=2))
+        config_path.write_text(embedded.for_services(config, servers).model_dump_json(indent=2))
         print(
-            f"miles: run {run_id} in {run_dir}\n  nats {config.infra.nats_url}  redis "
-            f"{config.infra.redis_url}  ray {config.infra.ray_address}",
+            f"miles: run {run_id} in {run_dir}\n  nats {embedded.redact(config.infra.nats_url)}  "
+            f"redis {embedded.redact(config.infra.redis_url)}  ray {config.infra.ray_address}",
             flush=True,
         )
 
@@ -243,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
             ]
             if ports:
                 argv += ["--set", f"infra.metrics_port={ports[service]}"]
-            child = Child(service, argv, run_dir / "logs" / f"{service}.log", env)
+            own = env | embedded.service_env(run_dir, service)
+            child = Child(service, argv, run_dir / "logs" / f"{service}.log", own)
             child.start()
             children.append(child)
 

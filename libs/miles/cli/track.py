@@ -100,7 +100,9 @@ def _table(tracker: Tracker, step: int, rows: list[list[Any]]) -> None:
 def follower(
     tracking: TrackingConfig, run_id: str, run_dir: Path, config: MilesConfig
 ) -> Follower | None:
-    trackers = open_trackers(tracking, run_id, run_dir, config.model_dump(mode="json"))
+    # Not the infra URLs: they carry passwords (the embedded servers', or a service's own).
+    public = config.model_dump(mode="json", exclude={"infra": {"nats_url", "redis_url"}})
+    trackers = open_trackers(tracking, run_id, run_dir, public)
     return Follower(trackers, tracking.completions) if trackers else None
 
 

@@ -14,14 +14,15 @@ from miles.weights.blobs import BlobStore, DirBlobStore, ObjectBlobStore
 log = logging.getLogger(__name__)
 
 
+def blob_bucket(run_id: str) -> str:
+    """The run's JetStream Object Store bucket (``permissions.blob_bucket`` names it too)."""
+    return f"miles_{run_id}_blobs"
+
+
 def make_blob_store(config: MilesConfig, bus: Bus, run_dir: Path) -> BlobStore:
     if config.infra.blob_store == "nats":
         return ObjectBlobStore(bus, blob_bucket(bus.run_id), run_dir / "blob-cache")
     return DirBlobStore(blob_dir(config, bus.run_id, run_dir))
-
-
-def blob_bucket(run_id: str) -> str:
-    return f"miles_{run_id}_blobs"
 
 
 def blob_dir(config: MilesConfig, run_id: str, run_dir: Path) -> Path:

@@ -1,10 +1,10 @@
 """FSDP ranks as Ray actors in one placement group, driven as one ``TrainerBackend``.
 
 The orchestration of ``miles.trainer.megatron.ray_group``: one bundle and one actor per rank
-(``miles.trainer.rank_actors``), rank 0 picks the rendezvous address, every rank builds its ``FsdpTrainer``
-concurrently, and every call goes to every rank at once (FSDP's all-gathers and reduce-scatters
-need all of them), the group returning rank 0's answer. One shared filesystem for the model and
-the checkpoints.
+(``miles.trainer.rank_actors``), rank 0 picks the rendezvous address, every rank builds its
+``FsdpTrainer`` concurrently, and every call goes to every rank at once (FSDP's all-gathers and
+reduce-scatters need all of them), the group returning rank 0's answer. One shared filesystem
+for the model and the checkpoints.
 """
 
 from __future__ import annotations
