@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 from miles.config import ALGORITHMS, MilesConfig, load_config
+from miles.runtime import embedded
+from miles.runtime.permissions import OPERATOR
 from miles.runtime.subjects import check_run_id
 
 
@@ -46,3 +48,20 @@ def resolve_config(
     infra.redis_url = infra.redis_url or os.environ.get("REDIS_URL")
     infra.ray_address = infra.ray_address or os.environ.get("RAY_ADDRESS")
     return config
+
+
+def run_urls(
+    run_dir: Path, config: MilesConfig, nats_url: str | None, redis_url: str | None
+) -> tuple[str | None, str | None]:
+    """The NATS and Redis URLs a command-line tool reaches a run with: those given (flags,
+    ``NATS_URL``/``REDIS_URL``), else the run's config's, else the operator's on the servers
+    `miles run` embedded in ``run_dir`` (its config.json carries no passwords)."""
+    nats_url = nats_url or config.infra.nats_url
+    redis_url = redis_url or config.infra.redis_url
+    if nats_url and redis_url:
+        return nats_url, redis_url
+    try:
+        embedded_nats, embedded_redis = embedded.service_urls(run_dir, OPERATOR)
+    except KeyError:  # servers embedded without per-service users
+        return nats_url, redis_url
+    return nats_url or embedded_nats, redis_url or embedded_redis

@@ -18,6 +18,7 @@ from pathlib import Path
 import redis
 
 from miles import events
+from miles.cli.common import run_urls
 from miles.cli.export import load_run
 from miles.runtime.bus import NatsBus, Unreachable, connect_nats
 from miles.runtime.run_record import RunRecord
@@ -68,9 +69,8 @@ def outcome(command: str, run_id: str, record: RunRecord) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_id, _, config = load_run(args.run, args.output_dir, args.redis_url)
-    nats_url = args.nats_url or config.infra.nats_url
-    redis_url = args.redis_url or config.infra.redis_url
+    run_id, run_dir, config = load_run(args.run, args.output_dir, args.redis_url)
+    nats_url, redis_url = run_urls(run_dir, config, args.nats_url, args.redis_url)
     if not nats_url or not redis_url:
         raise Unreachable(f"no NATS or Redis URL for run {run_id}: set NATS_URL and REDIS_URL")
     client = redis.Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=3)

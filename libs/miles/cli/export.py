@@ -36,6 +36,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from miles import models
+from miles.cli.common import run_urls
 from miles.config import MilesConfig
 from miles.runtime import embedded
 from miles.runtime.bus import NatsBus, Unreachable, connect_nats
@@ -296,6 +297,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     run_id, run_dir, config = load_run(args.run, args.output_dir, args.redis_url)
     out = args.out or run_dir / ("final" if args.step is None else f"step-{args.step}")
+    nats_url, redis_url = run_urls(run_dir, config, args.nats_url, args.redis_url)
     exported = asyncio.run(
         export(
             run_id,
@@ -304,8 +306,8 @@ def run(args: argparse.Namespace) -> int:
             step=args.step,
             dtype=args.dtype or config.trainer.export_dtype,
             out=out.resolve(),
-            redis_url=args.redis_url or config.infra.redis_url,
-            nats_url=args.nats_url or config.infra.nats_url,
+            redis_url=redis_url,
+            nats_url=nats_url,
         )
     )
     print(f"miles: step {exported.step} of run {run_id} ({exported.dtype}) -> {exported.path}")
