@@ -11,6 +11,9 @@ over SGLang's HTTP API (``SGLangClient``). The fleet:
   retried (requests carry their own seeds, so the retry samples the same tokens);
 - acts on the straggler verdicts (``stragglers``): flags a straggler, drains it (it gets no
   work) and restarts it, or leaves it drained once it used its restarts.
+
+With ``rollout.engine = "simulated"`` (benchmarks, tests) the engines are ``SimulatedEngine``s in
+this process: no actor, no server and no placement group; a restart is a fresh one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from miles.config import MilesConfig, RolloutConfig
 from miles.engine.generation import EngineHandle, EngineReset
 from miles.engine.sglang_client import SGLangClient, SGLangConnectionError, SGLangError
 from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
+from miles.engine.simulated import SimulatedEngine
 from miles.runtime import faults
 from services.rollout.stragglers import StragglerAction, StragglerTracker, Throughput
 from services.rollout.weight_sync import engines_behind
@@ -51,7 +55,7 @@ class EngineSlot:
     """
 
     index: int
-    actor: Any  # a Ray actor handle of SGLangServerProcess
+    actor: Any  # a Ray actor handle of SGLangServerProcess; None for a simulated engine
     handle: EngineHandle
     url: str
 
@@ -95,6 +99,9 @@ class EngineFleet:
         competing with the trainer for resources.
         """
         rollout = self.rollout
+        if rollout.engine == "simulated":
+            self.engines = [self._simulated(index) for index in range(rollout.engines)]
+            return
         bundle = {"CPU": rollout.engine_num_cpus}
         if rollout.engine_num_gpus:
             bundle["GPU"] = rollout.engine_num_gpus
@@ -127,8 +134,14 @@ class EngineFleet:
     def weight_version(self) -> int:
         return min(self.versions())
 
+    def _simulated(self, index: int) -> EngineSlot:
+        name = f"{self.tag}-engine-{index}"
+        client = SimulatedEngine(self.rollout.simulated, len(self.tokenizer))
+        return EngineSlot(index, None, EngineHandle(client, self.tokenizer, name, 0), "")
+
     def _new_actor(self, index: int) -> Any:
         rollout = self.rollout
+        assert rollout.engine != "simulated", "simulated engines have no actor"
         assert self.placement is not None, "start() reserves the engines' placement group"
         delay = faults.engine_delay(index)
         return (
@@ -204,6 +217,10 @@ class EngineFleet:
         handle = slot.handle
         handle.weight_version = 0  # a fresh server holds the base model
         await handle.client.aclose()
+        if slot.actor is None:  # simulated
+            handle.client = self._simulated(slot.index).handle.client
+            await self._sync(handle)
+            return
         try:
             slot.url = await slot.actor.restart.remote()
             log.info("%s: server restarted", handle.name)
@@ -260,6 +277,8 @@ class EngineFleet:
     async def shutdown(self) -> None:
         for slot in self.engines:
             await slot.handle.client.aclose()
+            if slot.actor is None:  # simulated
+                continue
             with contextlib.suppress(ray.exceptions.RayActorError, TimeoutError):
                 await asyncio.wait_for(slot.actor.stop.remote(), timeout=20)
             ray.kill(slot.actor)

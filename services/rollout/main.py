@@ -39,7 +39,8 @@ async def main(ctx: ServiceContext) -> None:
     config = ctx.config
     tokenizer = load_tokenizer(config.model)  # a ModelError when model.path is unset
     assert config.model.path is not None
-    raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
+    if config.rollout.engine != "simulated":  # simulated engines live in this process
+        raycluster.connect(config.infra.ray_address, namespace=ctx.run_id)
     on_straggler = functools.partial(report_straggler, ctx)
     fleet = EngineFleet(
         config, config.model.path, tokenizer, ctx.instance, ctx.run_dir / "logs", on_straggler

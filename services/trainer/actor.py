@@ -17,6 +17,7 @@ from miles.events import TrainSample
 from miles.recipe import Recipe, load_recipe
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
 from miles.trainer.schedule import lr_factor
+from miles.trainer.simulated import SimulatedTrainer
 from miles.weights.push import Broadcast, SharedTensors, Transport, WeightPush, unique_tensors
 
 
@@ -100,9 +101,13 @@ class TrainerActor:
 
 def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
     """The backend ``trainer.backend`` names, with the recipe's ``@miles.update`` if any."""
+    trainer = config.trainer.model_copy(update={"threads": config.cpu_threads().trainer})
+    if recipe.update is not None and trainer.backend != "torch":
+        raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
+    if trainer.backend == "simulated":  # benchmarks and tests: no model, sleeps for its steps
+        return SimulatedTrainer(trainer, config.run.seed)
     if config.model.path is None:
         raise ValueError("model.path is not set: point it at a Hugging Face model directory")
-    trainer = config.trainer.model_copy(update={"threads": config.cpu_threads().trainer})
     if trainer.backend == "torch":
         return TorchTrainer(
             str(config.model.path),
@@ -112,8 +117,6 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
             recipe.update,
             trust_remote_code=config.model.trust_remote_code,
         )
-    if recipe.update is not None:
-        raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
     # Imported here: megatron-core is an optional extra.
     from miles.trainer.megatron.model import MegatronLayout
     from miles.trainer.megatron.ray_group import MegatronRayGroup

@@ -3,7 +3,8 @@
 "torch" is ``TorchTrainer`` in this process (seconds); "megatron" is ``MegatronRayGroup``, two
 tensor-parallel Megatron-core rank actors on Ray, on CPU over gloo (``cpu_shims``): an
 integration test, as tests/integration/test_megatron.py; "torch-lora" is ``TorchTrainer`` with
-``trainer.lora`` (adapters train, merged weights go out). All train the session's tiny Llama.
+``trainer.lora`` (adapters train, merged weights go out). All train the session's tiny Llama,
+but "simulated" (``SimulatedTrainer``, the benchmarks' stand-in: a tiny state, no model).
 
 What the trainer service relies on: a step moves the weights and reports the documented metrics;
 weights saved and loaded back are bit for bit the same, and the tensors a push sends are the
@@ -30,9 +31,10 @@ import torch
 from msgspec.structs import replace
 from safetensors.torch import load_file
 
-from miles.config import GRPO, LoraConfig, TrainerConfig
+from miles.config import GRPO, LoraConfig, SimulatedTrainerConfig, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
+from miles.trainer.simulated import SimulatedTrainer
 
 SEED = 0
 TRAINER = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
@@ -90,6 +92,9 @@ class Backends:
     def make(self, trainer: TrainerConfig = TRAINER) -> TrainerBackend:
         if self.kind == "torch":
             return TorchTrainer(str(self.model), trainer, GRPO, SEED)
+        if self.kind == "simulated":  # no time to spend here
+            instant = SimulatedTrainerConfig(seconds_per_step=0.0)
+            return SimulatedTrainer(trainer.model_copy(update={"simulated": instant}), SEED)
         if self.kind == "torch-lora":
             with_lora = trainer.model_copy(update={"lora": LoraConfig(rank=4)})
             return TorchTrainer(str(self.model), with_lora, GRPO, SEED)
@@ -127,6 +132,7 @@ class Backends:
     params=[
         pytest.param("torch", id="torch"),
         pytest.param("torch-lora", id="torch-lora"),
+        pytest.param("simulated", id="simulated"),
         pytest.param("megatron", id="megatron", marks=pytest.mark.integration),
     ],
 )
