@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,6 +58,9 @@ class EngineSlot:
     actor: Any  # a Ray actor handle of SGLangServerProcess; None for a simulated engine
     handle: EngineHandle
     url: str
+    recoveries: int = 0
+    """Times the engine was recovered: a failure seen before the latest needs no other."""
+    recovering: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 OnStraggler = Callable[[EngineHandle, float, float, StragglerAction], Awaitable[None]]
@@ -123,8 +126,10 @@ class EngineFleet:
 
     @property
     def active(self) -> list[EngineHandle]:
-        """Engines that get work: all but drained stragglers."""
-        return [s.handle for s in self.engines if not self.stragglers.drained(s.index)]
+        """Engines that get work, those with fewest calls in flight first (rounds overlap): all
+        but drained stragglers."""
+        ready = [s.handle for s in self.engines if not self.stragglers.drained(s.index)]
+        return sorted(ready, key=lambda handle: handle.calls)
 
     def versions(self) -> list[int]:
         """The policy version each engine holds, by index."""
@@ -198,15 +203,26 @@ class EngineFleet:
     async def run(
         self, handle: EngineHandle, work: Callable[[EngineHandle], Awaitable[T]], attempts: int = 3
     ) -> T:
-        """``work(handle)``, recovering the engine and retrying if it dies under it."""
+        """``work(handle)``, recovering the engine and retrying if it dies under it.
+
+        Rounds overlap, so several calls can see the same death: the first to get the slot's
+        lock recovers the engine, the others find it recovered since they started and retry on
+        the new server (recovering it again would kill the requests just retried on it).
+        """
+        slot = self._slot(handle)
         for attempt in range(1, attempts + 1):
+            recoveries = slot.recoveries
             try:
                 return await work(handle)
             except ENGINE_DIED as exc:
                 if attempt == attempts:
                     raise
-                log.warning("%s died (%s: %s); recovering it", handle.name, type(exc).__name__, exc)
-                await self.recover(self._slot(handle))
+                async with slot.recovering:
+                    if slot.recoveries == recoveries:
+                        log.warning(
+                            "%s died (%s: %s); recovering it", handle.name, type(exc).__name__, exc
+                        )
+                        await self.recover(slot)
         raise AssertionError("unreachable")
 
     def _slot(self, handle: EngineHandle) -> EngineSlot:
@@ -220,6 +236,7 @@ class EngineFleet:
         if slot.actor is None:  # simulated
             handle.client = self._simulated(slot.index).handle.client
             await self._sync(handle)
+            slot.recoveries += 1
             return
         try:
             slot.url = await slot.actor.restart.remote()
@@ -232,6 +249,7 @@ class EngineFleet:
             self.replaced += 1
         handle.client = SGLangClient(slot.url)
         await self._sync(handle)
+        slot.recoveries += 1
         log.info("%s back at policy version %d", handle.name, handle.weight_version)
 
     async def check_stragglers(self) -> None:

@@ -1,12 +1,15 @@
-"""A fleet of simulated engines: made in-process (no Ray, no servers), kept on one version."""
+"""A fleet of simulated engines: made in-process (no Ray, no servers), kept on one version,
+recovered once however many overlapping calls see an engine die."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from miles.config import MilesConfig, load_config
+from miles.engine.generation import EngineHandle, EngineReset
 from miles.engine.simulated import SimulatedEngine
 from services.rollout.fleet import EngineFleet
 
@@ -54,3 +57,23 @@ def test_simulated_engines_take_weights_from_the_blob_store_only() -> None:
         load_config(overrides=["trainer.backend='simulated'"])
     config = simulated("trainer.backend='simulated'", "trainer.simulated.seconds_per_step=0.5")
     assert config.trainer.simulated.seconds_per_step == 0.5
+
+
+async def test_calls_that_see_one_death_together_recover_the_engine_once(tmp_path: Path) -> None:
+    fleet = EngineFleet(simulated(), tmp_path, Vocabulary(), "r", tmp_path)  # type: ignore[arg-type]
+    await fleet.start()
+    handle = fleet.handles[0]
+    dead = handle.client
+    both_in = asyncio.Barrier(2)
+
+    async def work(engine: EngineHandle) -> object:
+        client = engine.client
+        if client is dead:  # both calls start on the engine that dies under them
+            await both_in.wait()
+            raise EngineReset("server restarted")
+        return client
+
+    served = await asyncio.gather(fleet.run(handle, work), fleet.run(handle, work))
+    assert fleet.engines[0].recoveries == 1  # the second call retried on the recovered engine
+    assert served[0] is served[1] is handle.client and handle.client is not dead
+    await fleet.shutdown()
