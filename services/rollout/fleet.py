@@ -11,6 +11,9 @@ over SGLang's HTTP API (``SGLangClient``). The fleet:
   retried (requests carry their own seeds, so the retry samples the same tokens);
 - acts on the straggler verdicts (``stragglers``): flags a straggler, drains it (it gets no
   work) and restarts it, or leaves it drained once it used its restarts.
+
+With ``rollout.engine = "simulated"`` (benchmarks, tests) the engines are ``SimulatedEngine``s in
+this process: no actor, no server and no placement group; a restart is a fresh one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +36,7 @@ from miles.config import MilesConfig, RolloutConfig
 from miles.engine.generation import EngineHandle, EngineReset
 from miles.engine.sglang_client import SGLangClient, SGLangConnectionError, SGLangError
 from miles.engine.sglang_launcher import ServerStartError, SGLangServerProcess
+from miles.engine.simulated import SimulatedEngine
 from miles.runtime import faults
 from services.rollout.stragglers import StragglerAction, StragglerTracker, Throughput
 from services.rollout.weight_sync import engines_behind
@@ -51,9 +55,12 @@ class EngineSlot:
     """
 
     index: int
-    actor: Any  # a Ray actor handle of SGLangServerProcess
+    actor: Any  # a Ray actor handle of SGLangServerProcess; None for a simulated engine
     handle: EngineHandle
     url: str
+    recoveries: int = 0
+    """Times the engine was recovered: a failure seen before the latest needs no other."""
+    recovering: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 OnStraggler = Callable[[EngineHandle, float, float, StragglerAction], Awaitable[None]]
@@ -95,6 +102,9 @@ class EngineFleet:
         competing with the trainer for resources.
         """
         rollout = self.rollout
+        if rollout.engine == "simulated":
+            self.engines = [self._simulated(index) for index in range(rollout.engines)]
+            return
         bundle = {"CPU": rollout.engine_num_cpus}
         if rollout.engine_num_gpus:
             bundle["GPU"] = rollout.engine_num_gpus
@@ -116,8 +126,10 @@ class EngineFleet:
 
     @property
     def active(self) -> list[EngineHandle]:
-        """Engines that get work: all but drained stragglers."""
-        return [s.handle for s in self.engines if not self.stragglers.drained(s.index)]
+        """Engines that get work, those with fewest calls in flight first (rounds overlap): all
+        but drained stragglers."""
+        ready = [s.handle for s in self.engines if not self.stragglers.drained(s.index)]
+        return sorted(ready, key=lambda handle: handle.calls)
 
     def versions(self) -> list[int]:
         """The policy version each engine holds, by index."""
@@ -127,8 +139,14 @@ class EngineFleet:
     def weight_version(self) -> int:
         return min(self.versions())
 
+    def _simulated(self, index: int) -> EngineSlot:
+        name = f"{self.tag}-engine-{index}"
+        client = SimulatedEngine(self.rollout.simulated, len(self.tokenizer))
+        return EngineSlot(index, None, EngineHandle(client, self.tokenizer, name, 0), "")
+
     def _new_actor(self, index: int) -> Any:
         rollout = self.rollout
+        assert rollout.engine != "simulated", "simulated engines have no actor"
         assert self.placement is not None, "start() reserves the engines' placement group"
         delay = faults.engine_delay(index)
         return (
@@ -185,15 +203,26 @@ class EngineFleet:
     async def run(
         self, handle: EngineHandle, work: Callable[[EngineHandle], Awaitable[T]], attempts: int = 3
     ) -> T:
-        """``work(handle)``, recovering the engine and retrying if it dies under it."""
+        """``work(handle)``, recovering the engine and retrying if it dies under it.
+
+        Rounds overlap, so several calls can see the same death: the first to get the slot's
+        lock recovers the engine, the others find it recovered since they started and retry on
+        the new server (recovering it again would kill the requests just retried on it).
+        """
+        slot = self._slot(handle)
         for attempt in range(1, attempts + 1):
+            recoveries = slot.recoveries
             try:
                 return await work(handle)
             except ENGINE_DIED as exc:
                 if attempt == attempts:
                     raise
-                log.warning("%s died (%s: %s); recovering it", handle.name, type(exc).__name__, exc)
-                await self.recover(self._slot(handle))
+                async with slot.recovering:
+                    if slot.recoveries == recoveries:
+                        log.warning(
+                            "%s died (%s: %s); recovering it", handle.name, type(exc).__name__, exc
+                        )
+                        await self.recover(slot)
         raise AssertionError("unreachable")
 
     def _slot(self, handle: EngineHandle) -> EngineSlot:
@@ -204,6 +233,11 @@ class EngineFleet:
         handle = slot.handle
         handle.weight_version = 0  # a fresh server holds the base model
         await handle.client.aclose()
+        if slot.actor is None:  # simulated
+            handle.client = self._simulated(slot.index).handle.client
+            await self._sync(handle)
+            slot.recoveries += 1
+            return
         try:
             slot.url = await slot.actor.restart.remote()
             log.info("%s: server restarted", handle.name)
@@ -215,6 +249,7 @@ class EngineFleet:
             self.replaced += 1
         handle.client = SGLangClient(slot.url)
         await self._sync(handle)
+        slot.recoveries += 1
         log.info("%s back at policy version %d", handle.name, handle.weight_version)
 
     async def check_stragglers(self) -> None:
@@ -260,6 +295,8 @@ class EngineFleet:
     async def shutdown(self) -> None:
         for slot in self.engines:
             await slot.handle.client.aclose()
+            if slot.actor is None:  # simulated
+                continue
             with contextlib.suppress(ray.exceptions.RayActorError, TimeoutError):
                 await asyncio.wait_for(slot.actor.stop.remote(), timeout=20)
             ray.kill(slot.actor)

@@ -17,6 +17,7 @@ from miles.events import TrainSample
 from miles.recipe import Recipe, load_recipe
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
 from miles.trainer.schedule import lr_factor
+from miles.trainer.simulated import SimulatedTrainer
 from miles.weights.push import Broadcast, SharedTensors, Transport, WeightPush, unique_tensors
 
 
@@ -103,6 +104,8 @@ def build_backend(config: MilesConfig, recipe: Recipe) -> TrainerBackend:
     trainer = config.trainer.model_copy(update={"threads": config.cpu_threads().trainer})
     if recipe.update is not None and trainer.backend != "torch":
         raise ValueError("an @miles.update step needs trainer.backend = 'torch'")
+    if trainer.backend == "simulated":  # benchmarks and tests: no model, sleeps for its steps
+        return SimulatedTrainer(trainer, config.run.seed)
     if config.model.path is None:
         raise ValueError("model.path is not set: point it at a Hugging Face model directory")
     if trainer.backend == "fsdp":

@@ -6,7 +6,8 @@ integration test, as tests/integration/test_megatron.py; "fsdp" is ``FsdpRayGrou
 rank actors over gloo (an integration test too); "torch-lora" is ``TorchTrainer`` with
 ``trainer.lora`` (adapters train, merged weights go out); "torch-sharded" is ``TorchTrainer``
 whose ``trainer.max_shard_bytes`` splits the weights into several shards and an index. All train
-the session's tiny Llama.
+the session's tiny Llama, but "simulated" (``SimulatedTrainer``, the benchmarks' stand-in: a
+tiny state, no model).
 
 What the trainer service relies on: a step moves the weights and reports the documented metrics;
 weights saved and loaded back are bit for bit the same, and the tensors a push sends are the
@@ -33,9 +34,10 @@ import torch
 from msgspec.structs import replace
 
 from miles import shards
-from miles.config import GRPO, LoraConfig, TrainerConfig
+from miles.config import GRPO, LoraConfig, SimulatedTrainerConfig, TrainerConfig
 from miles.events import TrainSample
 from miles.trainer import StepMetrics, TorchTrainer, TrainerBackend
+from miles.trainer.simulated import SimulatedTrainer
 
 SEED = 0
 TRAINER = TrainerConfig(threads=1, micro_batch_size=2, lr=1e-2)
@@ -98,6 +100,9 @@ class Backends:
         if self.kind == "torch-sharded":
             sharded = trainer.model_copy(update={"max_shard_bytes": SMALL_SHARDS})
             return TorchTrainer(str(self.model), sharded, GRPO, SEED)
+        if self.kind == "simulated":  # no time to spend here
+            instant = SimulatedTrainerConfig(seconds_per_step=0.0)
+            return SimulatedTrainer(trainer.model_copy(update={"simulated": instant}), SEED)
         if self.kind == "torch-lora":
             with_lora = trainer.model_copy(update={"lora": LoraConfig(rank=4)})
             return TorchTrainer(str(self.model), with_lora, GRPO, SEED)
@@ -142,6 +147,7 @@ class Backends:
         pytest.param("torch", id="torch"),
         pytest.param("torch-lora", id="torch-lora"),
         pytest.param("torch-sharded", id="torch-sharded"),
+        pytest.param("simulated", id="simulated"),
         pytest.param("megatron", id="megatron", marks=pytest.mark.integration),
         pytest.param("fsdp", id="fsdp", marks=pytest.mark.integration),
     ],

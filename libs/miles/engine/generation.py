@@ -32,7 +32,8 @@ class EngineHandle:
     ``client`` is the engine's ``EngineClient`` (in the rollout service, an ``SGLangClient``
     speaking to the engine's own server process). ``weight_version`` is the version the engine
     was given: an output under an older one means the engine restarted in between. The handle
-    counts the tokens it generated and the seconds it took, the fleet's throughput signal.
+    counts the tokens it generated and the seconds it was generating (calls that overlap, as
+    concurrent rollouts' do, count their wall time once), the fleet's throughput signal.
     """
 
     def __init__(
@@ -48,11 +49,20 @@ class EngineHandle:
         self.weight_version = weight_version
         self.tokens = 0
         self.seconds = 0.0
+        self.calls = 0
+        """Calls in flight."""
+        self._busy_since = 0.0
 
     async def generate(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
-        start = time.monotonic()
-        outputs = await self.client.generate(requests)
-        self.seconds += time.monotonic() - start
+        if not self.calls:
+            self._busy_since = time.monotonic()
+        self.calls += 1
+        try:
+            outputs = await self.client.generate(requests)
+        finally:
+            self.calls -= 1
+            if not self.calls:
+                self.seconds += time.monotonic() - self._busy_since
         self.tokens += sum(len(o.output_ids) for o in outputs)
         stale = [o.weight_version for o in outputs if o.weight_version < self.weight_version]
         if stale:

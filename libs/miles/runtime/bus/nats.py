@@ -292,11 +292,22 @@ class NatsBus:
         await self.nc.flush()  # listening when this returns: the server has the subscription
 
     async def subscribe_latest(self, subject: str) -> AsyncIterator[Received]:
-        """An ordered consumer starting at the last message: every replica sees every update."""
-        subscription = await self.js.subscribe(
-            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST
-        )
-        return subscription.messages
+        """An ordered consumer starting at the last message: every replica sees every update.
+
+        Waits, as ``pull`` does, until the coordinator has created the stream: a service that
+        starts in a blink (simulated engines) gets here before the coordinator does.
+        """
+        delay = 0.2
+        while True:
+            try:
+                subscription = await self.js.subscribe(
+                    subject, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST
+                )
+                return subscription.messages
+            except nats.js.errors.NotFoundError:
+                log.info("waiting for the coordinator to create the stream of %s", subject)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def objects(self, bucket: str) -> ObjectBucket:
         """A JetStream Object Store bucket, created on first use."""
