@@ -224,6 +224,8 @@ def test_weights_saved_and_loaded_back_are_bit_for_bit_the_same(
 def test_weights_larger_than_max_shard_bytes_go_out_as_shards_and_an_index(
     backends: Backends, tmp_path: Path
 ) -> None:
+    if backends.kind == "simulated":
+        pytest.skip("the simulated backend's weights are one 16-float tensor: nothing to split")
     with backends.fresh() as whole:
         one = weights(whole, tmp_path / "one")
     small = TRAINER.model_copy(update={"max_shard_bytes": SMALL_SHARDS})

@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from miles import shards
 from miles.config import TrainerConfig
 from miles.events import TrainSample
 from miles.trainer.protocol import StepMetrics
 
-WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "simulated_state.safetensors"
 WEIGHT_NAME = "simulated.weight"
 SIZE = 16
@@ -93,10 +93,11 @@ class SimulatedTrainer:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps({"model_type": "miles-simulated"}))
-        return _save(path / WEIGHTS_FILE, {WEIGHT_NAME: self.weight})
+        weights = [(WEIGHT_NAME, self.weight.contiguous())]
+        return shards.write_weights(weights, path, self.trainer.max_shard_bytes)
 
     def load_weights(self, directory: str) -> None:
-        self.weight = load_file(Path(directory) / WEIGHTS_FILE)[WEIGHT_NAME]
+        self.weight = shards.read_weights(directory)[WEIGHT_NAME]
 
     def named_tensors(self) -> dict[str, Tensor]:
         return {WEIGHT_NAME: self.weight}

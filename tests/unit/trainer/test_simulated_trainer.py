@@ -13,7 +13,8 @@ import pytest
 
 from miles.config import SimulatedTrainerConfig, TrainerConfig
 from miles.events import TrainSample
-from miles.trainer.simulated import WEIGHTS_FILE, SimulatedTrainer
+from miles.shards import WEIGHTS_FILE
+from miles.trainer.simulated import SimulatedTrainer
 
 TIMING = SimulatedTrainerConfig(seconds_per_step=2.0, seconds_per_sample=0.25, save_seconds=0.5)
 TRAINER = TrainerConfig(lr=0.1, simulated=TIMING)
