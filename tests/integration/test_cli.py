@@ -4,7 +4,6 @@ missing."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shlex
 import signal
@@ -19,6 +18,7 @@ import pytest
 from miles import events
 from miles.cli.run import family
 from miles.runtime import embedded
+from miles.runtime.permissions import OPERATOR
 from miles.runtime.service import SERVICES
 from miles.runtime.subjects import Subjects
 
@@ -205,8 +205,10 @@ def test_a_stop_control_event_ends_the_run_with_why_and_the_resume_line(
             assert process.poll() is None, process.communicate()[0][-3000:]
             assert time.monotonic() < deadline, "the coordinator did not start in 120 s"
             time.sleep(0.2)
-        config = json.loads((tmp_path / "halted" / "config.json").read_text())
-        asyncio.run(send_stop(config["infra"]["nats_url"], "halted", "operator: maintenance"))
+        # as an operator does: config.json carries no passwords; urls.json has its own URL
+        nats_url, _ = embedded.service_urls(tmp_path / "halted", OPERATOR)
+        assert nats_url is not None
+        asyncio.run(send_stop(nats_url, "halted", "operator: maintenance"))
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
