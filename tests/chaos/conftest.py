@@ -3,6 +3,7 @@ tests own (so they can kill them) and one shared Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -14,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from miles.runtime import embedded
+
+from .accounting import Audit, audit
 
 ROOT = Path(__file__).parents[2]
 RECIPE = ROOT / "examples" / "addition" / "recipe.py"
@@ -104,6 +108,18 @@ class Chaos:
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         return Finished(run_id, run_dir, process.returncode, output, summary)
+
+    def audit(self, run_id: str) -> Audit:
+        """The accounting of run ``run_id`` (``accounting.audit``) from the suite's servers."""
+
+        async def read() -> Audit:
+            client = aioredis.Redis.from_url(self.redis.url, decode_responses=True)
+            try:
+                return await audit(self.nats.url, client, run_id)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(read())
 
     def marker(self, run_id: str) -> Path:
         return self.root / f"{run_id}.crashed"

@@ -14,12 +14,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import redis.asyncio as aioredis
 
 from miles.runtime.checkpoint import Manifest
 from miles.weights.blobs import DirBlobStore
 
-from .accounting import Audit, audit
 from .conftest import STEPS, Chaos
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.extended]
@@ -35,14 +33,7 @@ def test_trainer_killed_mid_collection_resumes_and_leaves_only_what_is_kept(chao
     assert finished.summary["restarts"]["trainer"] >= 1
     assert "trainer resumed at step 3" in finished.log("trainer")
 
-    async def read() -> Audit:
-        client = aioredis.Redis.from_url(chaos.redis.url, decode_responses=True)
-        try:
-            return await audit(chaos.nats.url, client, run_id)
-        finally:
-            await client.aclose()
-
-    found = asyncio.run(read())
+    found = chaos.audit(run_id)
     assert found.violations(STEPS, max_staleness=0) == []
     assert found.acknowledged and not found.dead
 

@@ -12,7 +12,6 @@ must commit bit-identical weights at every step: the baseline's sha256s are the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -22,13 +21,11 @@ from pathlib import Path
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from miles.cli.run import family
 from miles.runtime import embedded
 from miles.runtime.store import RunKeys
 
-from .accounting import Audit, audit
 from .conftest import STEPS, Chaos, Finished
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -49,14 +46,7 @@ def check(chaos: Chaos, finished: Finished, tasks: bool = True) -> list[str]:
     the run dispatches prompt tasks (offline DPO feeds pairs to the buffer instead)."""
     assert finished.returncode == 0, finished.output[-4000:]
 
-    async def read() -> Audit:
-        client = aioredis.Redis.from_url(chaos.redis.url, decode_responses=True)
-        try:
-            return await audit(chaos.nats.url, client, finished.run_id)
-        finally:
-            await client.aclose()
-
-    found = asyncio.run(read())
+    found = chaos.audit(finished.run_id)
     assert found.violations(STEPS, max_staleness=0) == []
     if tasks:
         assert found.acknowledged, "no task was dispatched: the accounting saw nothing"

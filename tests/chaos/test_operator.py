@@ -6,20 +6,17 @@ as a run nobody touched."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from miles.cli.run import DRAINED
 from miles.runtime.run_record import RunRecord
 from miles.runtime.store import RunKeys
 
-from .accounting import Audit, audit
 from .conftest import STEPS, Chaos
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.extended]
@@ -34,14 +31,7 @@ def record(chaos: Chaos, run_id: str) -> RunRecord:
 
 
 def weights(chaos: Chaos, run_id: str) -> list[str]:
-    async def read() -> Audit:
-        client = aioredis.Redis.from_url(chaos.redis.url, decode_responses=True)
-        try:
-            return await audit(chaos.nats.url, client, run_id)
-        finally:
-            await client.aclose()
-
-    found = asyncio.run(read())
+    found = chaos.audit(run_id)
     assert found.violations(STEPS, max_staleness=0) == []
     assert found.acknowledged and not found.dead
     return [m.weights_sha256 for m in found.manifests]
